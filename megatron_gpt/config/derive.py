@@ -1,0 +1,44 @@
+"""Quantities derived from a Config: the batch layout over ranks and the padded vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .loader import ConfigError, layout_problems
+from .schema import Config
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's sequences are spread over ranks and micro-batches."""
+
+    world_size: int
+    tensor: int
+    pipeline: int
+    data_parallel: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int  # = micro_batch_size * gradient_accumulation_steps * data_parallel
+
+
+def batch_layout(cfg: Config, world_size: int | None = None) -> BatchLayout:
+    """Resolve data-parallel size and gradient accumulation; ``world_size`` overrides the launcher's."""
+    problems = layout_problems(cfg, world_size)
+    if problems:
+        raise ConfigError.of(problems)
+    world = cfg.world_size if world_size is None else world_size
+    tp, pp, t = cfg.parallelism.tensor, cfg.parallelism.pipeline, cfg.training
+    dp = world // (tp * pp)
+    if t.global_batch_size is not None:
+        ga = t.global_batch_size // (t.micro_batch_size * dp)
+    else:
+        ga = t.gradient_accumulation_steps or 1
+    return BatchLayout(world_size=world, tensor=tp, pipeline=pp, data_parallel=dp,
+                       micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=ga,
+                       global_batch_size=t.micro_batch_size * ga * dp)
+
+
+def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
+    """Round up so every tensor-parallel shard of the embedding gets an equal, aligned slice."""
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallelism.tensor
+    return -(-vocab_size // multiple) * multiple

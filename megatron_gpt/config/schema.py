@@ -1,0 +1,202 @@
+"""The typed run configuration: one frozen section per concern, one docstring per field.
+
+Field docstrings become the field descriptions (``use_attribute_docstrings``), so
+``megatron-gpt config show --doc`` and error messages can quote them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys rejected, docstrings kept."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    num_layers: int = Field(4, ge=1)
+    """Number of transformer blocks."""
+    hidden_size: int = Field(128, ge=1)
+    """Width of the residual stream."""
+    num_attention_heads: int = Field(4, ge=1)
+    """Number of query heads."""
+    num_kv_heads: Optional[int] = Field(None, ge=1)
+    """Key/value heads for grouped-query attention; null means one per query head (MHA)."""
+    ffn_hidden_size: Optional[int] = Field(None, ge=1)
+    """MLP inner width; null means 4*hidden (gelu) or 8/3*hidden rounded up to 64 (swiglu)."""
+    seq_length: int = Field(128, ge=1)
+    """Training sequence length in tokens (also the learned-position table size)."""
+    make_vocab_size_divisible_by: int = Field(128, ge=1)
+    """The embedding table is padded to a multiple of this times the tensor-parallel size."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalization: layernorm (GPT-2/NeoX) or rmsnorm (Llama)."""
+    norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of the normalization layers."""
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    """MLP activation: gelu (GPT-2/NeoX) or swiglu (gated, Llama)."""
+    position_embedding: Literal["rotary", "learned"] = "rotary"
+    """Position encoding: rotary (NeoX/Llama) or a learned table (GPT-2)."""
+    rotary_pct: float = Field(1.0, gt=0, le=1)
+    """Fraction of each head's dimensions that rotary embeddings rotate (NeoX uses 0.25)."""
+    rotary_base: float = Field(10000.0, gt=0)
+    """Rotary frequency base (theta)."""
+    parallel_residual: bool = False
+    """NeoX-style block: x + attn(ln1(x)) + mlp(ln2(x)) instead of the sequential form."""
+    bias: bool = True
+    """Biases on linear layers and norms (true for GPT-2/NeoX, false for Llama)."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output layer."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on attention probabilities and residual branches."""
+    init_std: float = Field(0.02, gt=0)
+    """Standard deviation of the normal weight initialization."""
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    """auto: flash-attn when installed and on GPU, else torch SDPA; flash: require flash-attn."""
+
+
+class ParallelismConfig(Section):
+    tensor: int = Field(1, ge=1)
+    """Tensor-parallel size (megatron-core column/row-parallel layers)."""
+    pipeline: int = Field(1, ge=1)
+    """Pipeline-parallel size (DeepSpeed PipelineModule)."""
+    zero_stage: int = Field(1, ge=0, le=3)
+    """DeepSpeed ZeRO stage over the data-parallel group (0 disables ZeRO)."""
+
+
+class TokenizerConfig(Section):
+    type: Literal["embedded", "hf", "gpt2bpe", "bytes"] = "embedded"
+    """embedded: the byte-level BPE bundled with the embedded corpus; hf: a tokenizer.json;
+    gpt2bpe: GPT-2 encoder.json + vocab.bpe through tiktoken; bytes: raw UTF-8 bytes."""
+    path: Optional[str] = None
+    """Path of the HF tokenizer.json (type hf)."""
+    vocab_file: Optional[str] = None
+    """GPT-2 encoder.json (type gpt2bpe)."""
+    merge_file: Optional[str] = None
+    """GPT-2 vocab.bpe merges (type gpt2bpe)."""
+
+
+class DataConfig(Section):
+    embedded: Optional[Literal["shakespeare"]] = None
+    """Train on a corpus bundled in the package, preprocessed into the cache on first use."""
+    paths: list[str] = []
+    """Prefixes of preprocessed datasets (PREFIX.bin / PREFIX.idx)."""
+    split: str = "969,30,1"
+    """Train/validation/test weights over whole documents, e.g. "969,30,1"."""
+    cache_dir: Optional[str] = None
+    """Where preprocessed embedded corpora and index maps go; null means ~/.cache/megatron_gpt."""
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(6e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+    min_lr: float = Field(6e-5, ge=0)
+    """Learning rate at the end of the decay."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay of AdamW."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW beta2."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+
+
+class ScheduleConfig(Section):
+    warmup_steps: int = Field(100, ge=0)
+    """Steps of linear warmup from 0 to optimizer.lr."""
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay from lr to min_lr after warmup."""
+    decay_steps: Optional[int] = Field(None, ge=1)
+    """Step at which the decay reaches min_lr; null means training.train_steps."""
+
+
+class TrainingConfig(Section):
+    train_steps: int = Field(1000, ge=1)
+    """Number of optimizer steps."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per micro-batch on each data-parallel rank."""
+    global_batch_size: Optional[int] = Field(None, ge=1)
+    """Sequences per optimizer step over all ranks; null means micro x grad_accum x dp."""
+    gradient_accumulation_steps: Optional[int] = Field(None, ge=1)
+    """Micro-batches per step; null means derived from global_batch_size (or 1)."""
+    gradient_clipping: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value (0 disables)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (bf16/fp16 through DeepSpeed)."""
+    seed: int = 1234
+    """Seed of model initialization, dropout and data order."""
+    eval_interval: int = Field(100, ge=1)
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_iters: int = Field(10, ge=1)
+    """Validation micro-batches per evaluation on each data-parallel rank."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA with nccl when available, else CPU with gloo."""
+    generate_samples: int = Field(0, ge=0)
+    """Number of samples to generate and print at the end of training."""
+    generate_prompt: str = "\n"
+    """Prompt the end-of-training samples start from."""
+    generate_tokens: int = Field(64, ge=1)
+    """Tokens generated per end-of-training sample."""
+
+
+class CheckpointConfig(Section):
+    save_dir: Optional[str] = None
+    """Directory of DeepSpeed checkpoints; null disables saving."""
+    save_interval: Optional[int] = Field(None, ge=1)
+    """Save every this many steps (a final checkpoint is always written when save_dir is set)."""
+    resume: bool = True
+    """Resume from the `latest` checkpoint in save_dir when one exists."""
+
+
+class LoggingConfig(Section):
+    log_interval: int = Field(10, ge=1)
+    """Print one metrics line every this many steps."""
+    run_dir: str = "runs/{name}"
+    """Directory for the run's resolved config and metrics; {name} is replaced by config.name."""
+
+
+class LauncherConfig(Section):
+    type: Literal["local"] = "local"
+    """How ranks are started: local runs torchrun on this host."""
+    nproc_per_node: int = Field(1, ge=1)
+    """Processes (ranks) per node."""
+    num_nodes: int = Field(1, ge=1)
+    """Number of nodes."""
+    master_port: int = Field(29500, ge=1, le=65535)
+    """Rendezvous port of rank 0."""
+    threads_per_rank: Optional[int] = Field(None, ge=1)
+    """torch/OMP threads per rank; null means this host's cores divided by nproc_per_node."""
+
+
+class Config(Section):
+    name: str = "run"
+    """Run name, used in the run directory."""
+    model: ModelConfig = ModelConfig()
+    """The network's shape and family options."""
+    parallelism: ParallelismConfig = ParallelismConfig()
+    """Tensor/pipeline sizes and ZeRO stage; data parallel is the rest of the world size."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    """Which tokenizer encodes the corpus."""
+    data: DataConfig = DataConfig()
+    """Training corpora and the train/validation/test split."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """AdamW hyper-parameters."""
+    schedule: ScheduleConfig = ScheduleConfig()
+    """Learning-rate warmup and decay."""
+    training: TrainingConfig = TrainingConfig()
+    """Steps, batch sizes, precision, evaluation."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Saving and resuming."""
+    logging: LoggingConfig = LoggingConfig()
+    """Metrics output."""
+    launcher: LauncherConfig = LauncherConfig()
+    """How and where ranks are started."""
+
+    @property
+    def world_size(self) -> int:
+        """Total ranks the launcher starts."""
+        return self.launcher.nproc_per_node * self.launcher.num_nodes

@@ -1,0 +1,1 @@
+"""Data: tokenizers, corpus reading, preprocessing to megatron-core ``.bin/.idx``, embedded corpora."""

@@ -1,0 +1,261 @@
+"""Tokenizers behind one interface: HF tokenizer.json, GPT-2 BPE via tiktoken, raw bytes, embedded.
+
+Every document is encoded as plain text: special-token strings inside a document (a literal
+"<|endoftext|>") are encoded as ordinary text, never as the special id, so document boundaries
+come only from the EOD that preprocessing appends, and token byte lengths always add up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from megatron_gpt.config.schema import TokenizerConfig
+from megatron_gpt.data.errors import DataError
+
+EOD_TOKEN = "<|endoftext|>"
+PAD_TOKENS = ("<|padding|>", "<pad>", "[PAD]")
+EMBEDDED_TOKENIZER_PATH = Path(__file__).with_name("assets") / "shakespeare-bpe.json"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+BYTE_TO_UNICODE: dict[int, str] = _bytes_to_unicode()
+UNICODE_TO_BYTE: dict[str, int] = {c: b for b, c in BYTE_TO_UNICODE.items()}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _require_file(path: Optional[str], key: str, what: str) -> str:
+    if not path:
+        raise DataError(f"config key {key} is not set; fix: set {key} to {what}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (from {key}); fix: set {key} to {what}")
+    return os.path.abspath(path)
+
+
+def _as_int_list(ids: Sequence[int] | np.ndarray) -> list[int]:
+    return np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+
+
+class Tokenizer(ABC):
+    """What preprocessing, datasets and training need from any tokenizer."""
+
+    vocab_size: int
+    """All ids are in [0, vocab_size)."""
+    eod: int
+    """End-of-document id, appended after every document."""
+    pad: int = -1
+    """Pad id, or -1 when there is none (megatron-core GPTDataset masks labels equal to it)."""
+    config: TokenizerConfig
+    """How to rebuild this tokenizer (preprocessing workers rebuild it from this)."""
+    _byte_lengths: Optional[np.ndarray] = None
+
+    @property
+    @abstractmethod
+    def unique_identifiers(self) -> dict[str, Any]:
+        """Stable JSON-able description; megatron-core hashes it into index-cache names."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
+    @abstractmethod
+    def _compute_byte_lengths(self) -> np.ndarray: ...
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """int64 [vocab_size]: UTF-8 bytes each id stands for (0 for special tokens).
+
+        For bits-per-byte: sum(lengths[encode(text)]) == len(text.encode()). Read-only, cached.
+        """
+        if self._byte_lengths is None:
+            lengths = np.ascontiguousarray(self._compute_byte_lengths(), dtype=np.int64)
+            assert lengths.shape == (self.vocab_size,)
+            lengths.flags.writeable = False
+            self._byte_lengths = lengths
+        return self._byte_lengths
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer.json (byte-level BPE gives exact byte lengths)."""
+
+    def __init__(self, path: str, config: Optional[TokenizerConfig] = None, key: str = "tokenizer.path") -> None:
+        from tokenizers import Tokenizer as HFTok
+
+        self.path = _require_file(path, key, "a Hugging Face tokenizer.json")
+        try:
+            self._tok = HFTok.from_file(self.path)
+        except Exception as e:  # the Rust side raises a bare Exception on a malformed file
+            raise DataError(f"{self.path}: not a valid tokenizer.json ({e}); fix: point {key} at a tokenizer.json") from None
+        # Special-token strings inside documents stay text (see module docstring).
+        self._tok.encode_special_tokens = True
+        self.config = config or TokenizerConfig(type="hf", path=self.path)
+        self._sha256 = file_sha256(self.path)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1
+        eod = self._tok.token_to_id(EOD_TOKEN)
+        if eod is None:
+            raise DataError(
+                f"{self.path}: the tokenizer has no {EOD_TOKEN} token, which marks document ends; "
+                f"fix: add {EOD_TOKEN} as a special token (e.g. train it with megatron-gpt train-tokenizer)"
+            )
+        self.eod = eod
+        self.pad = next((i for t in PAD_TOKENS if (i := self._tok.token_to_id(t)) is not None), -1)
+
+    @property
+    def unique_identifiers(self) -> dict[str, Any]:
+        return {"class": "HFTokenizer", "tokenizer_json_sha256": self._sha256}
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS/EOS from a post-processor: preprocessing appends the EOD itself.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode(_as_int_list(ids), skip_special_tokens=False)
+
+    def _compute_byte_lengths(self) -> np.ndarray:
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        added = self._tok.get_added_tokens_decoder()
+        for i in range(self.vocab_size):
+            if i in added:
+                # Added tokens hold their text verbatim (not byte-level encoded).
+                lengths[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+                continue
+            token = self._tok.id_to_token(i)
+            if token is None:
+                continue
+            if all(c in UNICODE_TO_BYTE for c in token):
+                lengths[i] = len(token)  # byte-level: one character per byte
+            else:
+                # Not byte-level (e.g. SentencePiece-style): best effort through the decoder.
+                lengths[i] = len(self._tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+        return lengths
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """GPT-2 BPE (encoder.json + vocab.bpe) run by tiktoken, built from local files only."""
+
+    def __init__(self, vocab_file: str, merge_file: str, config: Optional[TokenizerConfig] = None) -> None:
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's regex (faster equivalent form)
+
+        self.vocab_file = _require_file(vocab_file, "tokenizer.vocab_file", "GPT-2's encoder.json")
+        self.merge_file = _require_file(merge_file, "tokenizer.merge_file", "GPT-2's vocab.bpe (merges)")
+        self.config = config or TokenizerConfig(type="gpt2bpe", vocab_file=self.vocab_file, merge_file=self.merge_file)
+        self._hashes = {"encoder_json_sha256": file_sha256(self.vocab_file), "vocab_bpe_sha256": file_sha256(self.merge_file)}
+        try:
+            # tiktoken caches files by path; passing the content hashes makes a stale cache entry miss.
+            ranks = data_gym_to_mergeable_bpe_ranks(
+                self.merge_file,
+                self.vocab_file,
+                vocab_bpe_hash=self._hashes["vocab_bpe_sha256"],
+                encoder_json_hash=self._hashes["encoder_json_sha256"],
+            )
+            with open(self.vocab_file, encoding="utf-8") as f:
+                encoder = json.load(f)
+        except (AssertionError, KeyError, ValueError) as e:
+            raise DataError(
+                f"{self.vocab_file} and {self.merge_file} do not form one GPT-2 BPE ({type(e).__name__} {e}); "
+                "fix: set tokenizer.vocab_file to encoder.json and tokenizer.merge_file to vocab.bpe of the same tokenizer"
+            ) from None
+        self.eod = int(encoder.get(EOD_TOKEN, len(ranks)))  # 50256 for GPT-2
+        self._enc = tiktoken.Encoding(
+            "gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOD_TOKEN: self.eod}
+        )
+        self.vocab_size = max(max(ranks.values()), self.eod) + 1
+
+    @property
+    def unique_identifiers(self) -> dict[str, Any]:
+        return {"class": "GPT2BPETokenizer", **self._hashes}
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._enc.decode(_as_int_list(ids))
+
+    def _compute_byte_lengths(self) -> np.ndarray:
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if i == self.eod:
+                continue
+            try:
+                lengths[i] = len(self._enc.decode_single_token_bytes(i))
+            except KeyError:  # an unused id between the ranks and the EOD
+                pass
+        return lengths
+
+
+class ByteTokenizer(Tokenizer):
+    """Raw UTF-8 bytes: ids 0..255 are bytes, 256 is the EOD. No files, no training."""
+
+    vocab_size = 257
+    eod = 256
+
+    def __init__(self) -> None:
+        self.config = TokenizerConfig(type="bytes")
+
+    @property
+    def unique_identifiers(self) -> dict[str, Any]:
+        return {"class": "ByteTokenizer", "vocab_size": self.vocab_size}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return bytes(i for i in _as_int_list(ids) if i < 256).decode("utf-8", errors="replace")
+
+    def _compute_byte_lengths(self) -> np.ndarray:
+        lengths = np.ones(self.vocab_size, dtype=np.int64)
+        lengths[self.eod] = 0
+        return lengths
+
+
+def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """The tokenizer `cfg` names; missing files raise DataError naming the config key."""
+    if cfg.type == "hf":
+        return HFTokenizer(cfg.path, cfg)  # type: ignore[arg-type]  # None is reported by _require_file
+    if cfg.type == "gpt2bpe":
+        return GPT2BPETokenizer(cfg.vocab_file, cfg.merge_file, cfg)  # type: ignore[arg-type]
+    if cfg.type == "bytes":
+        return ByteTokenizer()
+    if cfg.type == "embedded":
+        if not EMBEDDED_TOKENIZER_PATH.is_file():
+            raise DataError(
+                f"{EMBEDDED_TOKENIZER_PATH}: the embedded tokenizer asset is missing; "
+                "fix: reinstall megatron-gpt or run tools/build_embedded_assets.py"
+            )
+        return HFTokenizer(str(EMBEDDED_TOKENIZER_PATH), cfg)
+    raise DataError(f"tokenizer.type {cfg.type!r} is unknown; fix: use embedded, hf, gpt2bpe or bytes")

@@ -1,0 +1,147 @@
+"""The GPT: an ordered list of layer specs, built into one module (pipeline=1) or into
+DeepSpeed pipeline stages (pipeline>1) from the same list.
+
+    tokens [b, s] -> Embedding -> Block x num_layers -> FinalNorm -> output logits [b, s, vocab/tp]
+
+Each spec is built under its own seed (derived from the run seed and the spec's position), so a
+layer's initial weights do not depend on which other layers this rank builds (pipeline stages)
+nor on the tensor-parallel size (megatron-core initializes the full tensor, then slices it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+from megatron_gpt.config.schema import ModelConfig
+from megatron_gpt.model.layers import Block, make_norm, normal_init
+
+
+def parallel_config(tensor: int = 1, pipeline: int = 1, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    """megatron-core layer settings: CPU initialization makes weights independent of tp."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+        use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype,
+    )
+
+
+class Embedding(nn.Module):
+    """Vocab-parallel token embedding plus optional learned positions; `logits` reuses the
+    token table as the output layer when embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig):
+        super().__init__()
+        self.word = tensor_parallel.VocabParallelEmbedding(
+            vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=parallel)
+        self.position = nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.position_embedding == "learned" else None
+        if self.position is not None:
+            normal_init(cfg.init_std)(self.position.weight)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.word(tokens)  # [b, s, h]
+        if self.position is not None:
+            hidden = hidden + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.dropout(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        return F.linear(hidden, self.word.weight)  # [b, s, vocab/tp]
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
+class OutputLayer(nn.Module):
+    """Untied, column-parallel output layer: each tensor rank produces its slice of the vocab."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig):
+        super().__init__()
+        self.linear = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, vocab_size, config=parallel, init_method=normal_init(cfg.init_std),
+            bias=False, gather_output=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.linear(hidden)
+        return logits
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How to build one position of the layer list: a class, its arguments, and, for tied
+    layers, the key shared by every position that uses the same module and the method to call."""
+
+    cls: type[nn.Module]
+    args: tuple[Any, ...] = ()
+    tie_key: str | None = None
+    method: str = "forward"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def layer_specs(cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig) -> list[LayerSpec]:
+    embed_tie = "embedding" if cfg.tie_embeddings else None
+    specs = [LayerSpec(Embedding, (cfg, vocab_size, parallel), tie_key=embed_tie)]
+    specs += [LayerSpec(Block, (cfg, parallel)) for _ in range(cfg.num_layers)]
+    specs.append(LayerSpec(FinalNorm, (cfg,)))
+    if cfg.tie_embeddings:
+        specs.append(LayerSpec(Embedding, (cfg, vocab_size, parallel), tie_key=embed_tie, method="logits"))
+    else:
+        specs.append(LayerSpec(OutputLayer, (cfg, vocab_size, parallel)))
+    return specs
+
+
+def build_layer(spec: LayerSpec, seed: int, position: int) -> nn.Module:
+    """Build one spec under a seed of its own, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + position)
+        return spec.cls(*spec.args, **spec.kwargs)
+
+
+class GPT(nn.Module):
+    """The whole model on one pipeline stage: layers applied in spec order."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig, seed: int = 0):
+        super().__init__()
+        self.specs = layer_specs(cfg, vocab_size, parallel)
+        built: dict[str, nn.Module] = {}
+        layers = []
+        for position, spec in enumerate(self.specs):
+            if spec.tie_key is not None and spec.tie_key in built:
+                layers.append(built[spec.tie_key])  # same module object: a shared weight
+                continue
+            layers.append(build_layer(spec, seed, position))
+            if spec.tie_key is not None:
+                built[spec.tie_key] = layers[-1]
+        # Register each distinct module once so the state dict has no duplicate names.
+        self.layers = nn.ModuleList(dict.fromkeys(layers))
+        self._calls = [(layers[i], spec.method) for i, spec in enumerate(self.specs)]
+        self.vocab_size = vocab_size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = tokens
+        for module, method in self._calls:
+            hidden = getattr(module, method)(hidden)
+        return hidden
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, tensor_parallel_size: int) -> torch.Tensor:
+    """Per-token cross entropy [b, s] from vocab-parallel logits [b, s, vocab/tp]."""
+    if tensor_parallel_size == 1:
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)

@@ -1,0 +1,182 @@
+"""Transformer building blocks: norms, rotary positions, attention, MLP and the block.
+
+Every tensor is batch-first: hidden states are [batch, seq, hidden]. Linear layers are
+megatron-core's column/row-parallel layers, so the same code runs at any tensor-parallel size:
+a column-parallel layer holds this rank's slice of the output features, a row-parallel layer
+consumes such a slice and all-reduces its output.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from megatron_gpt.config.schema import ModelConfig
+
+
+def normal_init(std: float):
+    """Init function megatron-core layers call on the full (unsharded) weight."""
+    return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
+
+
+def output_init(cfg: ModelConfig):
+    """GPT-2's scaled init for the projections that write into the residual stream."""
+    return normal_init(cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def ffn_size(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden_size is not None:
+        return cfg.ffn_hidden_size
+    if cfg.activation == "swiglu":
+        return 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
+    return 4 * cfg.hidden_size
+
+
+def rotary_dims(cfg: ModelConfig) -> int:
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return int(head_dim * cfg.rotary_pct)
+
+
+@lru_cache(maxsize=16)
+def _rotary_tables(dims: int, base: float, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # [seq, dims], half-split (GPT-NeoX / HF) layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, dims: int, base: float, offset: int = 0) -> torch.Tensor:
+    """Rotate the first `dims` features of each head of x [batch, seq, heads, head_dim]."""
+    seq = x.shape[1]
+    cos, sin = _rotary_tables(dims, base, offset + seq, x.device)
+    cos = cos[offset:, None, :].to(x.dtype)  # [seq, 1, dims] broadcasts over heads
+    sin = sin[offset:, None, :].to(x.dtype)
+    x_rot, x_pass = x[..., :dims], x[..., dims:]
+    half = dims // 2
+    rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
+
+
+def _flash_attn_func():
+    """flash-attn's kernel when it is installed, else None (it is an optional GPU extra)."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads.
+
+    The fused QKV projection is laid out per key/value group — [q x (heads/kv_heads), k, v] —
+    so that a column-parallel split over tensor ranks hands each rank whole groups.
+    """
+
+    def __init__(self, cfg: ModelConfig, parallel: ModelParallelConfig):
+        super().__init__()
+        tp = parallel.tensor_model_parallel_size
+        kv_heads = cfg.num_kv_heads or cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.q_per_kv = cfg.num_attention_heads // kv_heads
+        self.local_kv_heads = kv_heads // tp
+        self.local_heads = cfg.num_attention_heads // tp
+        self.rotary_dims = rotary_dims(cfg) if cfg.position_embedding == "rotary" else 0
+        self.rotary_base = cfg.rotary_base
+        self.dropout = cfg.dropout
+        self.backend = cfg.attention_backend
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, (cfg.num_attention_heads + 2 * kv_heads) * self.head_dim,
+            config=parallel, init_method=normal_init(cfg.init_std), bias=cfg.bias, gather_output=False,
+        )
+        self.dense = RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim, cfg.hidden_size, config=parallel,
+            init_method=output_init(cfg), bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = hidden.shape
+        qkv, _ = self.qkv(hidden)
+        qkv = qkv.view(batch, seq, self.local_kv_heads, self.q_per_kv + 2, self.head_dim)
+        query = qkv[:, :, :, : self.q_per_kv].reshape(batch, seq, self.local_heads, self.head_dim)
+        key, value = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
+        if self.rotary_dims:
+            query = apply_rotary(query, self.rotary_dims, self.rotary_base)
+            key = apply_rotary(key, self.rotary_dims, self.rotary_base)
+        context = self._attend(query, key, value)  # [batch, seq, local_heads, head_dim]
+        output, _ = self.dense(context.reshape(batch, seq, self.local_heads * self.head_dim))
+        return output
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        flash = _flash_attn_func() if self.backend != "sdpa" and query.is_cuda else None
+        if self.backend == "flash" and flash is None:
+            raise RuntimeError("model.attention_backend=flash needs flash-attn on a CUDA device; "
+                               "install the 'gpu' extra or set model.attention_backend=auto")
+        if flash is not None and query.dtype in (torch.float16, torch.bfloat16):
+            return flash(query, key, value, dropout_p=dropout, causal=True)  # GQA handled natively
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            dropout_p=dropout, is_causal=True, enable_gqa=self.q_per_kv > 1,
+        )
+        return out.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2/NeoX) or SwiGLU (Llama): column-parallel in, row-parallel out."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ModelParallelConfig):
+        super().__init__()
+        inner = ffn_size(cfg)
+        column = dict(config=parallel, init_method=normal_init(cfg.init_std), bias=cfg.bias, gather_output=False)
+        self.gated = cfg.activation == "swiglu"
+        # Gate and up are separate layers so a column split keeps matching slices of both.
+        self.gate = ColumnParallelLinear(cfg.hidden_size, inner, **column) if self.gated else None
+        self.up = ColumnParallelLinear(cfg.hidden_size, inner, **column)
+        self.down = RowParallelLinear(
+            inner, cfg.hidden_size, config=parallel, init_method=output_init(cfg), bias=cfg.bias,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        up, _ = self.up(hidden)
+        if self.gated:
+            gate, _ = self.gate(hidden)
+            inner = F.silu(gate) * up
+        else:
+            inner = F.gelu(up)
+        output, _ = self.down(inner)
+        return output
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, sequential (GPT-2/Llama) or parallel-residual (NeoX)."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ModelParallelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attention = Attention(cfg, parallel)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg, parallel)
+        self.parallel_residual = cfg.parallel_residual
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.parallel_residual:
+            attn = self.attention(self.attn_norm(hidden))
+            mlp = self.mlp(self.mlp_norm(hidden))
+            return hidden + self.dropout(attn) + self.dropout(mlp)
+        hidden = hidden + self.dropout(self.attention(self.attn_norm(hidden)))
+        return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path("megatron_gpt/__init__.py").read_text(), version)
+
+setup(
+    name="megatron-gpt",
+    version=version["__version__"],
+    description="Distributed GPT training: YAML configs, tensor/pipeline/data parallel, ZeRO, HF export.",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_gpt", "megatron_gpt.*"]),
+    package_data={"megatron_gpt.data": ["assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "megatron-core>=0.16,<0.17",
+        "tiktoken>=0.7",
+        "tokenizers>=0.19",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "pydantic>=2.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "hf": ["transformers>=4.45", "safetensors>=0.4"],
+        "logging": ["wandb>=0.17", "tensorboard>=2.16"],
+        "eval": ["lm-eval>=0.4", "accelerate>=0.30"],
+        "mpi": ["mpi4py>=3.1"],
+        # apex and transformer-engine are built against the local CUDA toolkit (or come with
+        # NGC PyTorch images); they are not installable from PyPI wheels, see README.
+        "gpu": ["flash-attn>=2.5"],
+    },
+    entry_points={"console_scripts": ["megatron-gpt=megatron_gpt.cli:main"]},
+)
