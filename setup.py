@@ -26,7 +26,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # Optional inputs and tokenizers: .jsonl.zst, .parquet, SentencePiece .model (each imported
+        # only when used, with a message naming the package to install).
+        "data": ["zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2"],
+        "test": ["pytest>=8", "zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2"],
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "logging": ["wandb>=0.17", "tensorboard>=2.16"],
         "eval": ["lm-eval>=0.4", "accelerate>=0.30"],

@@ -68,15 +68,22 @@ class ParallelismConfig(Section):
 
 
 class TokenizerConfig(Section):
-    type: Literal["embedded", "hf", "gpt2bpe", "bytes"] = "embedded"
+    type: Literal["embedded", "hf", "gpt2bpe", "tiktoken", "sentencepiece", "bytes"] = "embedded"
     """embedded: the byte-level BPE bundled with the embedded corpus; hf: a tokenizer.json;
-    gpt2bpe: GPT-2 encoder.json + vocab.bpe through tiktoken; bytes: raw UTF-8 bytes."""
+    gpt2bpe: GPT-2 encoder.json + vocab.bpe through tiktoken; tiktoken: an encoding by name;
+    sentencepiece: a .model file; bytes: raw UTF-8 bytes. All load offline from local files."""
     path: Optional[str] = None
-    """Path of the HF tokenizer.json (type hf)."""
+    """hf: the tokenizer.json; sentencepiece: the .model; tiktoken: the encoding's .tiktoken file
+    or a directory holding its files under their original names (optional, see cache_dir)."""
     vocab_file: Optional[str] = None
     """GPT-2 encoder.json (type gpt2bpe)."""
     merge_file: Optional[str] = None
     """GPT-2 vocab.bpe merges (type gpt2bpe)."""
+    name: Optional[str] = None
+    """tiktoken encoding name (type tiktoken): gpt2, r50k_base, p50k_base, cl100k_base, o200k_base."""
+    cache_dir: Optional[str] = None
+    """tiktoken cache directory (files named by the sha1 of their URL, as TIKTOKEN_CACHE_DIR);
+    null means $TIKTOKEN_CACHE_DIR, else tiktoken's default. Read only: nothing is downloaded."""
 
 
 class DataConfig(Section):

@@ -1,28 +1,38 @@
-"""Tokenize JSONL corpora into megatron-core indexed datasets (PREFIX.bin + PREFIX.idx).
+"""Tokenize corpora into megatron-core indexed datasets (PREFIX.bin + PREFIX.idx), fast.
 
-Both files are written under temp names next to the output and renamed .bin first, .idx last
-(after removing any old .idx), so an .idx on disk always describes a complete .bin.
+One pass over the inputs writes one dataset per key, each from that key's own text. The main
+thread reads and parses; `workers` threads tokenize batches with one shared tokenizer. Threads,
+not processes: every tokenizer here runs in native code that releases the GIL (tiktoken, HF
+tokenizers, SentencePiece), so threads scale like processes without a pool's start-up, pickling
+and copies of the tokenizer. No torch or megatron-core import (seconds) either: indexed.py writes
+the format with numpy. Outputs appear only when complete (see indexed.py).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import time
-import warnings
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
 from megatron_gpt.data.errors import DataError
-from megatron_gpt.data.reader import JsonlReader
-from megatron_gpt.data.tokenizer import Tokenizer, build_tokenizer
+from megatron_gpt.data.indexed import IndexedWriter, leftover_temps, token_dtype
+from megatron_gpt.data.progress import Progress
+from megatron_gpt.data.reader import CorpusReader
+from megatron_gpt.data.tokenizer import Tokenizer
 
-BATCH_DOCS = 256  # documents per batch handed to the tokenizer (or to one worker)
+__all__ = ["PreprocessStats", "preprocess", "preprocess_keys", "token_dtype"]
+
+BATCH_DOCS = 512  # records per batch handed to one worker
 BATCH_CHARS = 1 << 20  # ... or fewer, once the batch holds this many characters
+META_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -36,30 +46,23 @@ class PreprocessStats:
     skipped_empty: int
     """Empty documents skipped."""
     seconds: float
-    """Wall time of reading, tokenizing and writing (the one-off megatron-core import excluded)."""
+    """Wall time of reading, tokenizing and writing (tokenizer loading excluded)."""
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
     def summary(self) -> str:
-        return (
-            f"{self.documents:,} documents, {self.tokens:,} tokens, {self.bytes / 1e6:.1f} MB, "
-            f"{self.skipped_empty:,} empty skipped, {self.seconds:.1f} s, {self.tokens_per_second:,.0f} tokens/s"
-        )
+        return (f"{self.documents:,} documents, {self.tokens:,} tokens, {self.bytes / 1e6:.1f} MB, "
+                f"{self.skipped_empty:,} empty skipped, {self.seconds:.1f} s, {self.tokens_per_second:,.0f} tokens/s")
 
 
-def token_dtype(vocab_size: int) -> type[np.integer[Any]]:
-    """uint16 halves the file when every id fits; megatron-core reads the dtype from the .idx."""
-    return np.uint16 if vocab_size <= 65536 else np.int32
-
-
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batches(records: Iterable[tuple[str, ...]]) -> Iterator[list[tuple[str, ...]]]:
+    batch: list[tuple[str, ...]] = []
     chars = 0
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
+    for record in records:
+        batch.append(record)
+        chars += len(record[0])
         if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -67,113 +70,102 @@ def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _encode(tokenizer: Tokenizer, texts: list[str], append_eod: bool) -> tuple[list[np.ndarray], int]:
-    """One batch -> (one id array per document, UTF-8 bytes of the batch)."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    tail = [tokenizer.eod] if append_eod else []
-    arrays = [np.array(ids + tail, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
-    return arrays, sum(len(t.encode("utf-8")) for t in texts)
+Encoded = tuple[np.ndarray, np.ndarray, int]  # tokens back to back, length per document, UTF-8 bytes
 
 
-# Worker state: each pool process rebuilds the tokenizer once from its picklable spec.
-_worker_tokenizer: Optional[Tokenizer] = None
-_worker_append_eod = True
+def _encode(tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int], texts: list[str]) -> Encoded:
+    encoded = tokenizer.encode_in_thread(texts)
+    extra = 0 if eod is None else 1
+    lengths = np.fromiter((len(ids) + extra for ids in encoded), dtype=np.int64, count=len(encoded))
+    out = np.empty(int(lengths.sum()), dtype=dtype)
+    end = 0
+    for ids in encoded:
+        start, end = end, end + len(ids)
+        out[start:end] = ids  # lists convert straight into the output, no array per document
+        if eod is not None:
+            out[end] = eod
+            end += 1
+    nbytes = sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
+    return out, lengths.astype(np.int32), nbytes
 
 
-def _init_worker(spec: Any, append_eod: bool) -> None:
-    global _worker_tokenizer, _worker_append_eod
-    # The processes already give the parallelism; nested Rust thread pools only oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = spec if isinstance(spec, Tokenizer) else build_tokenizer(spec)
-    _worker_append_eod = append_eod
+def _encode_columns(tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int], columns: list[list[str]]) -> list[Encoded]:
+    return [_encode(tokenizer, dtype, eod, texts) for texts in columns]
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[list[np.ndarray], int]:
-    assert _worker_tokenizer is not None
-    return _encode(_worker_tokenizer, texts, _worker_append_eod)
+def _meta(tokenizer: Tokenizer, key: str, append_eod: bool, dtype: np.dtype, inputs: list[str],
+          stats: PreprocessStats) -> dict[str, Any]:
+    tok = tokenizer.config.model_dump(exclude_none=True)
+    for field in ("path", "vocab_file", "merge_file", "cache_dir"):
+        if field in tok:
+            tok[field] = os.path.abspath(tok[field])
+    return {"format": "megatron-gpt preprocess", "version": META_VERSION, "tokenizer": tok,
+            "tokenizer_id": tokenizer.unique_identifiers, "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
+            "append_eod": append_eod, "dtype": dtype.name, "json_key": key,
+            "inputs": [os.path.abspath(p) for p in inputs], "documents": stats.documents, "tokens": stats.tokens,
+            "bytes": stats.bytes, "skipped_empty": stats.skipped_empty}
 
 
-def _remove(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: Tokenizer, append_eod: bool = True,
+                    workers: int = 1, progress: bool = True) -> dict[str, PreprocessStats]:
+    """Tokenize the non-empty text under each key of `outputs` into that key's prefix.bin/.idx.
 
-
-def _import_builder() -> Any:
-    with warnings.catch_warnings():  # megatron-core warns about missing GPU extras on import
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    return IndexedDatasetBuilder
-
-
-def preprocess(
-    inputs: list[str],
-    output_prefix: str,
-    tokenizer: Tokenizer,
-    json_key: str = "text",
-    append_eod: bool = True,
-    workers: int = 1,
-    progress: bool = True,
-) -> PreprocessStats:
-    """Tokenize every non-empty `json_key` document of `inputs` into `output_prefix`.bin/.idx.
-
-    workers > 1 tokenizes batches in a process pool; the output is identical to workers=1.
+    Inputs are files or glob patterns (reader.SUFFIXES). The output is identical for any `workers`.
     """
-    import torch
-
     if workers < 1:
-        raise DataError(f"workers is {workers}; fix: use 1 or more tokenizer processes")
-    reader = JsonlReader(inputs, json_key)  # checks the inputs exist before any work
-    dtype = token_dtype(tokenizer.vocab_size)
-    bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tag = f".tmp.{os.getpid()}.{time.monotonic_ns()}"
-    tmp_bin, tmp_idx = bin_path + tag, idx_path + tag
-    builder_cls = _import_builder()
-    start = time.perf_counter()  # after the one-off library import (seconds), so rates compare
+        raise DataError(f"workers is {workers}; fix: use 1 or more tokenizer threads")
+    keys = list(outputs)
+    reader = CorpusReader(inputs, keys)  # checks the inputs exist before any work
+    for prefix in outputs.values():
+        if stale := leftover_temps(prefix):
+            print(f"warning: leftover temp files of an interrupted run (safe to delete): {', '.join(stale)}",
+                  file=sys.stderr)
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size))
+    eod = tokenizer.eod if append_eod else None
+    start = time.perf_counter()
+    documents, skipped, nbytes = [0] * len(keys), [0] * len(keys), [0] * len(keys)
+    label = os.path.basename(next(iter(outputs.values())))
+    bar = Progress(label, reader.total_bytes) if progress else None
+    with ExitStack() as stack, ThreadPoolExecutor(workers, thread_name_prefix="tokenize") as pool:
+        writers = [stack.enter_context(IndexedWriter(outputs[k], dtype)) for k in keys]
+        pending: deque[Future[list[Encoded]]] = deque()
 
-    pool: Any = None
-    builder: Any = None
-    bar: Any = None
-    documents = tokens = nbytes = 0
-    try:
-        builder = builder_cls(tmp_bin, dtype=dtype)
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(desc=os.path.basename(output_prefix), unit=" docs", file=sys.stderr, dynamic_ncols=True)
-        batches = _batches(reader)
-        if workers > 1:
-            # spawn, not fork: the parent holds torch and Rust thread pools that fork would copy half-alive.
-            ctx = multiprocessing.get_context("spawn")
-            spec = getattr(tokenizer, "config", tokenizer)
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(spec, append_eod))
-            results: Iterator[tuple[list[np.ndarray], int]] = pool.imap(_encode_in_worker, batches)
-        else:
-            results = (_encode(tokenizer, b, append_eod) for b in batches)
-        for arrays, batch_bytes in results:
-            for ids in arrays:
-                builder.add_item(torch.from_numpy(ids))
-                builder.end_document()
-                tokens += ids.size
-            documents += len(arrays)
-            nbytes += batch_bytes
+        def write_oldest() -> None:
+            for i, (tokens, lengths, batch_bytes) in enumerate(pending.popleft().result()):
+                writers[i].add(tokens, lengths)
+                documents[i] += len(lengths)
+                nbytes[i] += batch_bytes
             if bar is not None:
-                bar.update(len(arrays))
-                bar.set_postfix_str(f"{nbytes / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False)
-        builder.finalize(tmp_idx)
-        _remove(idx_path)  # an old .idx must never sit beside the new .bin
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if bar is not None:
-            bar.close()
-        if builder is not None:
-            builder.data_file.close()  # already closed on success; on failure, before the unlink
-        _remove(tmp_bin, tmp_idx)
-    return PreprocessStats(documents, tokens, nbytes, reader.skipped_empty, time.perf_counter() - start)
+                bar.update(documents[0], writers[0].tokens, nbytes[0], reader.bytes_read())
+
+        try:
+            for batch in _batches(reader):
+                columns = []
+                for i in range(len(keys)):
+                    texts = [record[i] for record in batch if record[i]]
+                    skipped[i] += len(batch) - len(texts)
+                    columns.append(texts)
+                pending.append(pool.submit(_encode_columns, tokenizer, dtype, eod, columns))
+                while len(pending) > 2 * workers:  # bounded memory, workers always busy
+                    write_oldest()
+            while pending:
+                write_oldest()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+        seconds = time.perf_counter() - start
+        stats = {key: PreprocessStats(documents[i], writers[i].tokens, nbytes[i], skipped[i], seconds)
+                 for i, key in enumerate(keys)}
+        for i, key in enumerate(keys):
+            writers[i].commit(_meta(tokenizer, key, append_eod, dtype, reader.paths, stats[key]))
+    if bar is not None:
+        bar.update(documents[0], writers[0].tokens, nbytes[0], reader.total_bytes, force=True)
+        bar.close()
+    return stats
+
+
+def preprocess(inputs: list[str], output_prefix: str, tokenizer: Tokenizer, json_key: str = "text",
+               append_eod: bool = True, workers: int = 1, progress: bool = True) -> PreprocessStats:
+    """Tokenize every non-empty `json_key` document of `inputs` into `output_prefix`.bin/.idx."""
+    return preprocess_keys(inputs, {json_key: output_prefix}, tokenizer, append_eod, workers, progress)[json_key]
