@@ -235,6 +235,20 @@ def test_zero2_with_pipeline_is_rejected_with_fix(base):
     assert load_config([base], ["parallelism.zero_stage=1", "parallelism.pipeline=2"], world_size=2)
 
 
+PATHS = ["data.embedded=null", "tokenizer.type=bytes", "data.paths=[a, b]"]
+
+
+def test_data_sources_weights_and_tokenizers_that_load(base):
+    cfg = load_config([base], PATHS + ["data.weights=[0.7, 0.3]"])
+    assert (cfg.data.paths, cfg.data.weights) == (["a", "b"], [0.7, 0.3])
+    cfg = load_config([base], ["data.embedded=null", "tokenizer.type=bytes", "data.train_paths=[a, b]",
+                               "data.train_weights=[2, 1]", "data.valid_paths=[v]", "data.test_paths=[t]"])
+    assert (cfg.data.train_paths, cfg.data.valid_paths, cfg.data.test_paths) == (["a", "b"], ["v"], ["t"])
+    cfg = load_config([base], PATHS[:2] + ["data.paths=[a]", "tokenizer.type=tiktoken",
+                                           "tokenizer.name=cl100k_base", "tokenizer.cache_dir=/tmp/tk"])
+    assert (cfg.tokenizer.name, cfg.tokenizer.cache_dir) == ("cl100k_base", "/tmp/tk")
+
+
 @pytest.mark.parametrize("overrides, world, expected", [
     (["model.num_kv_heads=3"], None, "model.num_kv_heads: 3 does not divide model.num_attention_heads=4"),
     (["parallelism.tensor=8"], 8, "parallelism.tensor: 8 does not divide model.num_attention_heads=4"),
@@ -242,13 +256,28 @@ def test_zero2_with_pipeline_is_rejected_with_fix(base):
     (["optimizer.min_lr=0.1"], None, "optimizer.min_lr: 0.1 is above the peak optimizer.lr=0.0006 (default)"),
     (["schedule.decay_steps=1", "schedule.warmup_steps=5"], None, "schedule.warmup_steps: 5 is longer than"),
     (["data.paths=[x]"], None, "data.paths: set together with data.embedded=shakespeare"),
-    (["data.embedded=null"], None, "neither data.embedded nor data.paths is set"),
+    (["data.embedded=null"], None, "none of data.embedded, data.paths, data.train_paths is set"),
     (["data.embedded=null", "data.paths=[x]"], None, "tokenizer.type=embedded (default)"),
     (["tokenizer.type=hf"], None, "tokenizer.type: hf needs tokenizer.path"),
     (["tokenizer.type=gpt2bpe", "tokenizer.vocab_file=e.json"], None, "gpt2bpe needs tokenizer.merge_file"),
     (["data.split=0,1"], None, "data.split: '0,1' is not 1-3"),
     (["data.split=1,2,3,4"], None, "data.split: '1,2,3,4' is not 1-3"),
     (["model.rotary_pct=0.3"], None, "model.rotary_pct: rotary_pct 0.3 x head_dim 16"),
+    (PATHS + ["data.weights=[1]"], None, "data.weights: has 1 weights for 2 prefixes in data.paths"),
+    (PATHS + ["data.weights=[1, 0]"], None, "data.weights: [1.0, 0.0] has a weight that is not a positive number"),
+    (["data.embedded=null", "tokenizer.type=bytes", "data.train_paths=[a]"], None,
+     "data.valid_paths: is empty, but data.train_paths needs a validation set"),
+    (["data.valid_paths=[v]"], None, "data.valid_paths: is a per-split list but data.train_paths is empty"),
+    (PATHS + ["data.train_paths=[t]", "data.valid_paths=[v]"], None,
+     "data.train_paths: set together with data.paths=[a, b]"),
+    (["data.embedded=null", "tokenizer.type=bytes", "data.train_paths=[t]", "data.valid_paths=[v]",
+      "data.valid_weights=[1, 2]"], None, "data.valid_weights: has 2 weights for 1 prefixes in data.valid_paths"),
+    (["tokenizer.type=tiktoken"], None, "tokenizer.type: tiktoken needs tokenizer.name"),
+    (["tokenizer.type=sentencepiece"], None, "tokenizer.type: sentencepiece needs tokenizer.path"),
+    (["tokenizer.type=bytes", "tokenizer.name=cl100k_base"], None,
+     "tokenizer.name: is set but tokenizer.type=bytes (--set) does not use it"),
+    (["data.embedded=null", "data.train_paths=[t]", "data.valid_paths=[v]"], None,
+     "data.train_paths: needs its own tokenizer: tokenizer.type=embedded (default)"),
 ])
 def test_cross_field_checks(base, overrides, world, expected):
     msg = error_of([base], overrides, world_size=world)

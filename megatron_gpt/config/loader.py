@@ -524,31 +524,67 @@ def _check_optim(c: _Checks) -> None:
 
 
 def _check_data(c: _Checks) -> None:
-    d, tok = c.cfg.data, c.cfg.tokenizer
-    if d.embedded is None and not d.paths:
-        c.fail("data.paths", "no training data: neither data.embedded nor data.paths is set",
-               "set data.embedded: shakespeare (the bundled corpus) or data.paths to preprocessed "
-               "dataset prefixes (PREFIX.bin/.idx)")
-    elif d.embedded is not None and d.paths:
-        c.fail(c.blame("data.paths", "data.embedded"),
-               f"set together with {c.ref('data.embedded')}; exactly one data source is used",
-               "remove one of them (to drop an inherited value: --set data.embedded=null or --set data.paths=[])")
-    elif tok.type == "embedded" and d.embedded is None:
-        c.fail(c.blame("tokenizer.type", "data.paths"),
-               f"data.paths needs its own tokenizer: {c.ref('tokenizer.type')} ships with the bundled corpus "
-               "and works only with data.embedded",
-               "set tokenizer.type to the tokenizer data.paths was preprocessed with: hf, gpt2bpe or bytes")
-    if tok.type == "hf" and not tok.path:
-        c.fail(c.blame("tokenizer.path", "tokenizer.type"), "tokenizer.type hf needs tokenizer.path",
-               "set tokenizer.path to a tokenizer.json")
-    if tok.type == "gpt2bpe":
-        for key, what in (("tokenizer.vocab_file", "encoder.json"), ("tokenizer.merge_file", "vocab.bpe")):
-            if not c.value(key):
-                c.fail(c.blame(key, "tokenizer.type"), f"tokenizer.type gpt2bpe needs {key}",
-                       f"set {key} to GPT-2's {what}")
-    if _split_weights(d.split) is None:
+    d = c.cfg.data
+    sources = [k for k, on in (("data.embedded", d.embedded is not None), ("data.paths", bool(d.paths)),
+                               ("data.train_paths", bool(d.train_paths))) if on]
+    if not sources:
+        c.fail("data.paths", "no training data: none of data.embedded, data.paths, data.train_paths is set",
+               "set data.embedded: shakespeare (the bundled corpus), data.paths to preprocessed dataset "
+               "prefixes (PREFIX.bin/.idx), or data.train_paths + data.valid_paths")
+    elif len(sources) > 1:
+        key = c.blame(*reversed(sources))
+        others = " and ".join(c.ref(k) for k in sources if k != key)
+        c.fail(key, f"set together with {others}; exactly one data source is used",
+               f"remove one of them (to drop an inherited value: --set {sources[0]}=null or "
+               f"--set {sources[-1]}=[])".replace("data.paths=null", "data.paths=[]"))
+    for split in ("valid", "test"):
+        if getattr(d, f"{split}_paths") and not d.train_paths:
+            c.fail(f"data.{split}_paths", "is a per-split list but data.train_paths is empty",
+                   "set data.train_paths too, or put every prefix in data.paths and cut it with data.split")
+    if d.train_paths and not d.valid_paths:
+        c.fail("data.valid_paths", "is empty, but data.train_paths needs a validation set (evaluation "
+               "runs every training.eval_interval steps and at the end)",
+               "set data.valid_paths to held-out prefixes, or use data.paths with data.split")
+    for paths, weights in (("paths", "weights"), ("train_paths", "train_weights"),
+                           ("valid_paths", "valid_weights"), ("test_paths", "test_weights")):
+        w, p = getattr(d, weights), getattr(d, paths)
+        if w is None:
+            continue
+        if len(w) != len(p):
+            c.fail(f"data.{weights}", f"has {len(w)} weights for {len(p)} prefixes in data.{paths}",
+                   f"give one weight per prefix of data.{paths}, in the same order (or null for size-proportional)")
+        elif not all(math.isfinite(x) and x > 0 for x in w):
+            c.fail(f"data.{weights}", f"{w} has a weight that is not a positive number",
+                   f"use positive weights (drop a prefix from data.{paths} instead of weighting it 0)")
+    if not d.train_paths and _split_weights(d.split) is None:
         c.fail("data.split", f"{d.split!r} is not 1-3 comma-separated non-negative numbers with a positive first one",
                "write train,validation,test weights, e.g. \"969,30,1\"")
+    _check_tokenizer(c)
+
+
+def _check_tokenizer(c: _Checks) -> None:
+    d, tok = c.cfg.data, c.cfg.tokenizer
+    if tok.type == "embedded" and d.embedded is None and (d.paths or d.train_paths):
+        key = "data.paths" if d.paths else "data.train_paths"
+        c.fail(c.blame("tokenizer.type", key),
+               f"{key} needs its own tokenizer: {c.ref('tokenizer.type')} ships with the bundled corpus "
+               "and works only with data.embedded",
+               f"set tokenizer.type to the tokenizer {key} was preprocessed with: "
+               "hf, gpt2bpe, tiktoken, sentencepiece or bytes")
+    needs = {"hf": [("tokenizer.path", "a tokenizer.json")],
+             "sentencepiece": [("tokenizer.path", "a SentencePiece .model file")],
+             "gpt2bpe": [("tokenizer.vocab_file", "GPT-2's encoder.json"), ("tokenizer.merge_file", "GPT-2's vocab.bpe")],
+             "tiktoken": [("tokenizer.name", "an encoding name such as cl100k_base")]}
+    for key, what in needs.get(tok.type, []):
+        if not c.value(key):
+            c.fail(c.blame(key, "tokenizer.type"), f"tokenizer.type {tok.type} needs {key}", f"set {key} to {what}")
+    used = {"hf": {"path"}, "sentencepiece": {"path"}, "gpt2bpe": {"vocab_file", "merge_file"},
+            "tiktoken": {"name", "path", "cache_dir"}}.get(tok.type, set())
+    for field in ("path", "vocab_file", "merge_file", "name", "cache_dir"):
+        if field not in used and getattr(tok, field) is not None:
+            key = f"tokenizer.{field}"
+            c.fail(c.blame(key, "tokenizer.type"), f"is set but {c.ref('tokenizer.type')} does not use it",
+                   f"remove {key} (--set {key}=null), or set tokenizer.type to the tokenizer it belongs to")
 
 
 def _split_weights(split: str) -> list[float] | None:

@@ -90,9 +90,26 @@ class DataConfig(Section):
     embedded: Optional[Literal["shakespeare"]] = None
     """Train on a corpus bundled in the package, preprocessed into the cache on first use."""
     paths: list[str] = []
-    """Prefixes of preprocessed datasets (PREFIX.bin / PREFIX.idx)."""
+    """Prefixes of preprocessed datasets (PREFIX.bin / PREFIX.idx), each cut into train/validation/
+    test by data.split and blended by data.weights (GPT-NeoX: data_path)."""
+    weights: Optional[list[float]] = None
+    """Blend weights of data.paths, one positive number per prefix (normalized); null means
+    proportional to each dataset's size (GPT-NeoX: data_weights)."""
+    train_paths: list[str] = []
+    """Per-split lists instead of data.paths: prefixes used whole for training (GPT-NeoX:
+    train_data_paths); needs valid_paths; data.split does not apply."""
+    train_weights: Optional[list[float]] = None
+    """Blend weights of train_paths (null: proportional to size)."""
+    valid_paths: list[str] = []
+    """Prefixes used whole for validation, with train_paths."""
+    valid_weights: Optional[list[float]] = None
+    """Blend weights of valid_paths (null: proportional to size)."""
+    test_paths: list[str] = []
+    """Prefixes used whole for testing, with train_paths (checked, not read during training)."""
+    test_weights: Optional[list[float]] = None
+    """Blend weights of test_paths (null: proportional to size)."""
     split: str = "969,30,1"
-    """Train/validation/test weights over whole documents, e.g. "969,30,1"."""
+    """Train/validation/test weights over whole documents of each data.paths prefix, e.g. "969,30,1"."""
     cache_dir: Optional[str] = None
     """Where preprocessed embedded corpora and index maps go; null means ~/.cache/megatron_gpt."""
 

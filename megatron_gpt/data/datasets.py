@@ -1,21 +1,51 @@
-"""Training/validation datasets through megatron-core's GPTDataset, and the deterministic
-sample order that makes data parallelism and resume exact.
+"""Training/validation datasets: weighted blends of whole-document splits of preprocessed
+prefixes, in a deterministic order that makes data parallelism and resume exact.
+
+Three layers, none of which depends on how many samples the run will draw:
+- a component is one epoch of one split of one prefix: megatron-core's GPTDataset with its
+  index maps cached safely across ranks and nodes (index_maps.py);
+- a component is repeated epoch after epoch, every later epoch in a fresh order seeded by
+  (seed, epoch, component);
+- a blend maps global sample i to (component, sample) with megatron-core's greedy blending
+  (helpers.build_blending_indices): after any number of samples each component's share is as
+  close to its weight as it can be.
+So the first N samples are the same whatever training.train_steps is (megatron-core's
+BlendedDataset, whose per-dataset sizes and epochs scale with the run's length, is not), and a
+run resumed or extended from step k draws exactly what an uninterrupted run would.
 
 Sample order: optimizer step t consumes global samples [t*G, (t+1)*G) with G the global batch;
 data-parallel rank r takes the contiguous block of micro*grad_accum samples starting at
 t*G + r*micro*grad_accum. A run of 1 rank and a run of N ranks with the same global batch
-therefore see exactly the same samples per step, and resuming at step t needs only t.
+therefore see exactly the same samples per step, and resuming at step t needs only t (the
+checkpoint's step and consumed_samples).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from functools import lru_cache
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from megatron_gpt.config.schema import DataConfig
 from megatron_gpt.data.errors import DataError
+from megatron_gpt.data.index_maps import EpochDataset, barrier, filesystem_leader
+from megatron_gpt.data.indexed import IndexedFile, open_indexed, read_meta
+
+with warnings.catch_warnings():  # megatron-core warns about missing GPU extras on import
+    warnings.simplefilter("ignore")
+    from megatron.core.datasets import helpers
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.core.datasets.utils import Split
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -23,59 +53,161 @@ SPLIT_NAMES = ("train", "validation", "test")
 class _MegatronTokenizerView:
     """The few attributes GPTDataset reads from a tokenizer."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: Any) -> None:
         self.eod = tokenizer.eod
         self.pad = tokenizer.pad
         self.vocab_size = tokenizer.vocab_size
         self.unique_identifiers = tokenizer.unique_identifiers
 
 
-def _split_document_counts(prefix: str, split_matrix) -> list[int]:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+@dataclass(frozen=True)
+class Source:
+    """One split of one prefix, as a fraction of its documents, with its blend weight."""
 
-    documents = len(IndexedDataset(prefix).document_indices) - 1
-    counts = []
-    for bookends in split_matrix:
-        if bookends is None:
-            counts.append(0)
-        else:
-            counts.append(int(round(bookends[1] * documents)) - int(round(bookends[0] * documents)))
-    return counts
+    prefix: str
+    key: str
+    """The config key that named the prefix (for messages)."""
+    split: int
+    """0 train, 1 validation, 2 test."""
+    bookends: tuple[float, float]
+    weight: Optional[float]
 
 
-def build_datasets(prefixes: list[str], split: str, seq_length: int, seed: int, tokenizer,
-                   train_samples: int, valid_samples: int, cache_dir: str):
-    """(train, validation) GPTDatasets over whole-document splits of every prefix.
+def plan(data: DataConfig) -> list[list[Source]]:
+    """[train, validation, test] sources of `data` (data.paths cut by data.split, or per-split lists)."""
+    if data.train_paths:
+        lists = [(data.train_paths, data.train_weights), (data.valid_paths, data.valid_weights),
+                 (data.test_paths, data.test_weights)]
+        return [[Source(p, f"data.{name}_paths", s, (0.0, 1.0), w[i] if w else None) for i, p in enumerate(paths)]
+                for s, (name, (paths, w)) in enumerate(zip(("train", "valid", "test"), lists))]
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))
+    w = data.weights
+    return [[] if bookends is None else
+            [Source(p, "data.paths", s, tuple(bookends), w[i] if w else None) for i, p in enumerate(data.paths)]
+            for s, bookends in enumerate(matrix)]
 
-    Collective when torch.distributed is up: megatron-core builds the index maps on rank 0, then
-    the other ranks load them after a barrier."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).exists():
-                raise DataError(f"data.paths: {prefix}{ext} does not exist; fix: run `megatron-gpt preprocess` "
-                                f"to create {prefix}.bin/.idx or correct the prefix")
+def _check_prefix(prefix: str, key: str, tokenizer: Any) -> IndexedFile:
+    """The checked .idx/.bin pair, which must have been made with `tokenizer` when it says so."""
+    index = open_indexed(prefix, key)
+    meta = read_meta(prefix)
+    if meta is not None and "tokenizer_id" in meta:
+        mine = json.loads(json.dumps(tokenizer.unique_identifiers))
+        if meta["tokenizer_id"] != mine:
+            raise DataError(f"{prefix}.meta.json: {prefix} was preprocessed with tokenizer {meta.get('tokenizer')} "
+                            f"({meta['tokenizer_id']}), not the configured one ({mine}); fix: set tokenizer.* to "
+                            f"the tokenizer it was made with, or preprocess it again with this one")
+    if index.dtype == np.uint16 and tokenizer.vocab_size > 65536:
+        raise DataError(f"{prefix}.idx: uint16 tokens cannot hold the configured tokenizer's {tokenizer.vocab_size:,} "
+                        "ids, so it was made with another tokenizer; fix: set tokenizer.* to that tokenizer, "
+                        "or preprocess it again")
+    return index
+
+
+class Blend(torch.utils.data.Dataset):
+    """`size` samples drawn from `datasets` by weight, each dataset repeated epoch after epoch."""
+
+    def __init__(self, datasets: list[EpochDataset], weights: list[float], size: int, seed: int) -> None:
+        self.datasets = datasets
+        total = float(sum(weights))
+        self.weights = [w / total for w in weights]
+        self.size = size
+        self.seed = seed
+        self.dataset_index = np.zeros(size, dtype=np.int16)
+        self.dataset_sample_index = np.zeros(size, dtype=np.int64)
+        if len(datasets) == 1:
+            self.dataset_sample_index[:] = np.arange(size)
+        elif size:
+            helpers.build_blending_indices(self.dataset_index, self.dataset_sample_index,
+                                           np.asarray(self.weights, dtype=np.float64), len(datasets), size, False)
+        self._keys = [int(d.unique_description_hash[:8], 16) for d in datasets]
+        self._permutation = lru_cache(maxsize=4)(self._epoch_permutation)
+
+    def _epoch_permutation(self, component: int, epoch: int) -> np.ndarray:
+        n = len(self.datasets[component])
+        rng = np.random.default_rng([self.seed, epoch, self._keys[component]])
+        return rng.permutation(np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64))
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(component, sample within its epoch order) of global sample `index`."""
+        component = int(self.dataset_index[index])
+        epoch, sample = divmod(int(self.dataset_sample_index[index]), len(self.datasets[component]))
+        if epoch:
+            sample = int(self._permutation(component, epoch)[sample])
+        return component, sample
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"sample {index} is outside this blend of {self.size}")
+        component, sample = self.locate(index)
+        return self.datasets[component][sample]
+
+
+def _build_components(sources: list[Source], indexes: dict[str, IndexedFile], config: Any) -> list[EpochDataset]:
+    seq_length = config.sequence_length
+    datasets = []
+    for source in sources:
+        index = indexes[source.prefix]
+        sequences = len(index.sequence_lengths)
+        begin, end = (int(round(b * float(sequences))) for b in source.bookends)
+        name = SPLIT_NAMES[source.split]
+        if begin == end:
+            where = f"data.split '{config.split}'" if source.key == "data.paths" else source.key
+            raise DataError(f"{where} gives the {name} split of {source.prefix} no whole document (it has "
+                            f"{index.documents}); fix: raise that split's weight or add documents")
+        low_level = EpochDataset.build_low_level_dataset(source.prefix, config)
+        split = (Split.train, Split.valid, Split.test)[source.split]
+        dataset = EpochDataset(low_level, source.prefix, np.arange(begin, end, dtype=np.int32), None, split, config)
+        if len(dataset) == 0:
+            tokens = int(index.sequence_lengths[begin:end].sum(dtype=np.int64))
+            raise DataError(f"{source.key}: the {name} split of {source.prefix} holds {tokens:,} tokens, fewer "
+                            f"than one sample of model.seq_length {seq_length} + 1; fix: lower model.seq_length, "
+                            "give that split more documents, or add data")
+        datasets.append(dataset)
+    return datasets
+
+
+def build_datasets(data: DataConfig, seq_length: int, seed: int, tokenizer: Any, train_samples: int,
+                   valid_samples: int, cache_dir: str) -> tuple[Blend, Blend]:
+    """(train, validation) blends over `data`'s prefixes; `data.embedded` must already be resolved
+    into data.paths. Collective when torch.distributed is up (every rank must call it)."""
+    if data.embedded is not None:
+        raise ValueError("build_datasets needs data.embedded resolved into data.paths (see prepare_embedded)")
+    sources = plan(data)
+    if not sources[1]:
+        raise DataError(f"data.split '{data.split}' leaves no validation split, which evaluation needs; "
+                        "fix: give validation a weight, e.g. \"969,30,1\"")
+    indexes = {s.prefix: _check_prefix(s.prefix, s.key, tokenizer) for split in sources for s in split}
+    index_dir = os.path.join(cache_dir, "index-maps")
+    per_split = None if not data.train_paths else [
+        ([s.prefix for s in split], None) if split else None for split in sources]
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=(list(prefixes), None), split=split,
-        path_to_cache=str(Path(cache_dir) / "index-maps"), tokenizer=_MegatronTokenizerView(tokenizer),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        create_attention_mask=False,
+        random_seed=seed, sequence_length=seq_length, path_to_cache=index_dir,
+        blend=None if per_split else (list(data.paths), None), blend_per_split=per_split,
+        split=None if per_split else data.split, tokenizer=_MegatronTokenizerView(tokenizer),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
     )
-    # megatron-core loops forever on a split that holds no document: refuse it with a message,
-    # and drop the test split (never read during training) when it is empty.
-    for prefix in prefixes:
-        counts = _split_document_counts(prefix, config.split_matrix)
-        for index, name in enumerate(SPLIT_NAMES[:2]):
-            if counts[index] == 0:
-                raise DataError(f"data.split '{split}' gives the {name} split of {prefix} no whole document "
-                                f"(it has {sum(counts)}); fix: raise that split's weight or add documents")
-        if counts[2] == 0:
-            config.split_matrix[2] = None
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, None], lambda: True, config).build()
-    return train, valid
+    try:
+        os.makedirs(index_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{index_dir}: cannot create the index-map cache ({e.strerror}); "
+                        "fix: set data.cache_dir to a writable directory") from None
+    # One rank per filesystem builds the maps; the others wait, then load what it wrote.
+    leader = filesystem_leader(index_dir)
+    built: list[list[EpochDataset]] = []
+    if leader:
+        built = [_build_components(split, indexes, config) for split in sources[:2]]
+    barrier()
+    if not leader:
+        built = [_build_components(split, indexes, config) for split in sources[:2]]
+    blends = []
+    for split, datasets, size in zip(sources, built, (train_samples, valid_samples)):
+        weights = [s.weight if s.weight is not None else float(len(d)) for s, d in zip(split, datasets)]
+        blends.append(Blend(datasets, weights, size, seed))
+    return blends[0], blends[1]
 
 
 @dataclass(frozen=True)
@@ -98,13 +230,13 @@ class SampleOrder:
         return range(start, start + self.micro_batch_size)
 
 
-def collate(dataset, indices, device: torch.device) -> dict[str, torch.Tensor]:
+def collate(dataset: Any, indices: range | list[int], device: torch.device) -> dict[str, torch.Tensor]:
     samples = [dataset[i] for i in indices]
     return {key: torch.stack([s[key] for s in samples]).to(device, non_blocking=True)
             for key in ("tokens", "labels", "loss_mask")}
 
 
-def byte_lengths_table(tokenizer, padded_vocab_size: int) -> torch.Tensor:
+def byte_lengths_table(tokenizer: Any, padded_vocab_size: int) -> torch.Tensor:
     """UTF-8 bytes per token id, zero for padding ids: the denominator of bits per byte."""
     table = np.zeros(padded_vocab_size, dtype=np.int64)
     lengths = np.asarray(tokenizer.token_byte_lengths(), dtype=np.int64)

@@ -73,8 +73,9 @@ def train(cfg: Config) -> dict:
     order = SampleOrder(layout.micro_batch_size, layout.gradient_accumulation_steps, topo.data, topo.data_rank)
     eval_order = SampleOrder(layout.micro_batch_size, 1, topo.data, topo.data_rank)
     steps = cfg.training.train_steps
+    data = cfg.data.model_copy(update={"embedded": None, "paths": prefixes}) if cfg.data.embedded else cfg.data
     train_set, valid_set = build_datasets(
-        prefixes, cfg.data.split, cfg.model.seq_length, cfg.training.seed, tokenizer,
+        data, cfg.model.seq_length, cfg.training.seed, tokenizer,
         train_samples=steps * layout.global_batch_size,
         valid_samples=cfg.training.eval_iters * eval_order.global_batch_size,
         cache_dir=cache_dir)
