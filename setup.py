@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_gpt", "megatron_gpt.*"]),
-    package_data={"megatron_gpt.data": ["assets/*"]},
+    package_data={"megatron_gpt.data": ["assets/*"], "megatron_gpt.eval_tasks": ["*.yaml", "*.jsonl"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
@@ -29,10 +29,11 @@ setup(
         # Optional inputs and tokenizers: .jsonl.zst, .parquet, SentencePiece .model (each imported
         # only when used, with a message naming the package to install).
         "data": ["zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2"],
-        "test": ["pytest>=8", "zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2"],
+        "test": ["pytest>=8", "zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2", "lm-eval>=0.4.13,<0.5"],
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "logging": ["wandb>=0.17", "tensorboard>=2.16"],
-        "eval": ["lm-eval>=0.4", "accelerate>=0.30"],
+        # lm-eval for `megatron-gpt eval`; accelerate only for lm-eval's own `--model hf` on HF exports.
+        "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=0.30"],
         "mpi": ["mpi4py>=3.1"],
         # apex and transformer-engine are built against the local CUDA toolkit (or come with
         # NGC PyTorch images); they are not installable from PyPI wheels, see README.

@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_gpt import __version__
     from megatron_gpt.config import commands as config_commands
     from megatron_gpt.data import commands as data_commands
+    from megatron_gpt import evaluation
 
     parser = argparse.ArgumentParser(prog="megatron-gpt", description="Distributed GPT training from YAML configs.")
     parser.add_argument("--version", action="version", version=f"megatron-gpt {__version__}")
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     config_commands.register(sub)
     data_commands.register(sub)
+    evaluation.register(sub)
     return parser
 
 
