@@ -24,12 +24,15 @@ setup(
         "numpy>=1.24",
         "pydantic>=2.7",
         "tqdm>=4.60",
+        "psutil>=5.9",
+        "matplotlib>=3.7",  # the loss-curve PNG written at the end of every run
     ],
     extras_require={
         # Optional inputs and tokenizers: .jsonl.zst, .parquet, SentencePiece .model (each imported
         # only when used, with a message naming the package to install).
         "data": ["zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2"],
-        "test": ["pytest>=8", "zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2", "lm-eval>=0.4.13,<0.5"],
+        "test": ["pytest>=8", "zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2",
+                 "wandb>=0.17", "tensorboard>=2.16", "lm-eval>=0.4.13,<0.5"],
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "logging": ["wandb>=0.17", "tensorboard>=2.16"],
         # lm-eval for `megatron-gpt eval`; accelerate only for lm-eval's own `--model hf` on HF exports.

@@ -19,10 +19,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_gpt import __version__
+    from megatron_gpt import __version__, generate_command, layout
     from megatron_gpt.config import commands as config_commands
     from megatron_gpt.data import commands as data_commands
     from megatron_gpt import evaluation
+    from megatron_gpt.launch import slurm
 
     parser = argparse.ArgumentParser(prog="megatron-gpt", description="Distributed GPT training from YAML configs.")
     parser.add_argument("--version", action="version", version=f"megatron-gpt {__version__}")
@@ -31,11 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("configs", nargs="+", help="YAML files, merged in order (later wins)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set training.train_steps=100 (value parsed as YAML)")
-    train.add_argument("--dry-run", action="store_true", help="print the launch command and start nothing")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the command for this host and for every node, and start nothing")
     train.set_defaults(func=_train)
     config_commands.register(sub)
     data_commands.register(sub)
     evaluation.register(sub)
+    slurm.register(sub)
+    layout.register(sub)
+    generate_command.register(sub)
     return parser
 
 

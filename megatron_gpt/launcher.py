@@ -1,47 +1,115 @@
-"""Turns a resolved config into the command that starts every rank. Builds and runs commands;
-never joins a process group itself."""
+"""Turns a resolved config into the command that starts every rank, and runs it. Builds and runs
+commands; never joins a process group itself (the commands live in `megatron_gpt.launch`)."""
 
 from __future__ import annotations
 
 import os
-import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 
 from megatron_gpt.config.schema import Config
+from megatron_gpt.launch import environment
+from megatron_gpt.launch.commands import RANK_ENTRY, LaunchError, Plan, plan, rank_arguments, threads_per_rank
+from megatron_gpt.training.preemption import EXIT_CODE, EXIT_FILE, SIGNALS
 
-RANK_ENTRY = "megatron_gpt.training.main"
-
-
-def threads_per_rank(cfg: Config) -> int:
-    """Intra-op threads per rank: this host's cores shared out, so ranks do not oversubscribe."""
-    if cfg.launcher.threads_per_rank:
-        return cfg.launcher.threads_per_rank
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // cfg.launcher.nproc_per_node)
+__all__ = ["RANK_ENTRY", "LaunchError", "launch", "describe", "rank_arguments", "threads_per_rank"]
 
 
-def rank_arguments(config_files: list[str], overrides: list[str]) -> list[str]:
-    args = [os.path.abspath(path) for path in config_files]
-    for override in overrides:
-        args += ["--set", override]
-    return args
+def describe(p: Plan) -> str:
+    """The --dry-run text: the command on this host, then what each node runs (secrets masked)."""
+    lines = [f"# {p.summary}", "# on this host:", environment.printable(p.command, p.env)]
+    if p.env_file:
+        lines.append("# DS_ENV_FILE (DeepSpeed exports these on every node): "
+                     + " ".join(f"{k}={v}" for k, v in environment.masked(p.env_file).items()))
+    for node in p.nodes:
+        lines += [f"# {node.where}:", node.command]
+    lines += [f"# {note}" for note in p.notes]
+    return "\n".join(lines)
 
 
-def local_command(cfg: Config, config_files: list[str], overrides: list[str]) -> tuple[list[str], dict[str, str]]:
-    """torchrun on this host with nproc_per_node ranks (free rendezvous port via --standalone)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={cfg.launcher.nproc_per_node}", "-m", RANK_ENTRY,
-               *rank_arguments(config_files, overrides)]
-    env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg))}
-    return command, env
+def _rank_pids(pid: int) -> list[int]:
+    """Child processes of `pid` (torchrun's workers), from /proc."""
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return children
+
+
+def run(p: Plan) -> int:
+    """Run the plan's command; forward SIGTERM/SIGUSR1 so ranks checkpoint and stop; return its code."""
+    env = {**os.environ, **p.env}
+    cleanup: list[str] = []
+    if p.env_file is not None:  # DeepSpeed reads DS_ENV_FILE and exports each line on every node
+        fd, path = tempfile.mkstemp(prefix="megatron-gpt-env-")  # 0600: may hold secrets
+        with os.fdopen(fd, "w") as f:
+            for name in (os.path.expanduser("~/.deepspeed_env"), ".deepspeed_env"):
+                if os.path.isfile(name):  # DS_ENV_FILE replaces these, so keep what they say
+                    f.write(open(name).read().rstrip("\n") + "\n")
+            for k, v in p.env_file.items():
+                if "\n" in v:
+                    print(f"warning: {k} has a newline in its value; not forwarded", file=sys.stderr)
+                    continue
+                f.write(f"{k}={v}\n")
+        env["DS_ENV_FILE"] = path
+        cleanup.append(path)
+    if p.signal_ranks:
+        fd, exit_file = tempfile.mkstemp(prefix="megatron-gpt-exit-")
+        os.close(fd)
+        env[EXIT_FILE] = exit_file
+        cleanup.append(exit_file)
+    child = subprocess.Popen(p.command, env=env)
+
+    def forward(signum, frame):
+        if p.signal_ranks:  # torchrun would tear its workers down; tell the ranks themselves
+            targets = _rank_pids(child.pid) or [child.pid]
+        else:  # srun and mpirun pass signals on; DeepSpeed's runner stops its nodes on SIGTERM
+            targets = [child.pid]
+            signum = signum if p.kind in ("slurm", "mpirun") else signal.SIGTERM
+        print(f"megatron-gpt: {signal.Signals(signum).name} -> ranks save at the next step boundary",
+              file=sys.stderr, flush=True)
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+    try:
+        code = child.wait()
+        if p.signal_ranks and code == 0 and os.path.getsize(exit_file):
+            with open(exit_file) as f:
+                code = int(f.read().strip() or 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for path in cleanup:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    if code == EXIT_CODE:
+        print(f"megatron-gpt: preempted; a checkpoint was saved, relaunch the same command to resume "
+              f"(exit code {EXIT_CODE})", file=sys.stderr)
+    return code
 
 
 def launch(cfg: Config, config_files: list[str], overrides: list[str], dry_run: bool = False) -> int:
-    command, env = local_command(cfg, config_files, overrides)
-    printable = " ".join(f"{k}={v}" for k, v in env.items()) + " " + shlex.join(command)
+    try:
+        p = plan(cfg, config_files, overrides)
+        if cfg.launcher.type == "slurm" and not dry_run and "SLURM_JOB_ID" not in os.environ:
+            raise LaunchError("launcher.type slurm starts ranks with srun inside an allocation, and this shell "
+                              "has none (no SLURM_JOB_ID); fix: run inside salloc/sbatch, or write a batch "
+                              "script with `megatron-gpt slurm CONFIG... --nodes N --gpus-per-node G`")
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if dry_run:
-        print(printable)
+        print(describe(p))
         return 0
-    completed = subprocess.run(command, env={**os.environ, **env})
-    return completed.returncode
+    return run(p)

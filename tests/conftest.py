@@ -34,6 +34,21 @@ class Run:
 
 
 @pytest.fixture(scope="session")
+def single_process_group():
+    """megatron-core layers need parallel_state even at tp=1: one 1-rank gloo group per session."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    yield
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One preprocessing of the embedded corpus (and its index maps) for the whole session."""
     return tmp_path_factory.mktemp("cache")

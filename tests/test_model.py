@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -17,19 +16,7 @@ FAMILIES = {
 VOCAB = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    """megatron-core layers need parallel_state even at tp=1: a 1-rank gloo group."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_process_group")
 
 
 def build(family: str, seed: int = 0, **extra):
@@ -105,7 +92,7 @@ def test_evaluate_bits_per_byte_of_a_uniform_model():
     import math
 
     from megatron_gpt.data.datasets import SampleOrder
-    from megatron_gpt.training.evaluate import evaluate
+    from megatron_gpt.training.evaluate import eval_batches, evaluate, module_summed_nats
 
     class Uniform(torch.nn.Module):
         def forward(self, tokens):
@@ -114,7 +101,8 @@ def test_evaluate_bits_per_byte_of_a_uniform_model():
     labels = torch.arange(16).view(2, 8) + 1
     dataset = [{"tokens": labels[i] - 1, "labels": labels[i], "loss_mask": torch.ones(8)} for i in range(2)]
     byte_lengths = torch.arange(VOCAB) % 3 + 1  # token t stands for 1-3 bytes
-    result = evaluate(Uniform(), dataset, SampleOrder(1, 1, 1, 0), 2, byte_lengths, 1, torch.device("cpu"))
+    batches = eval_batches(dataset, SampleOrder(1, 1, 1, 0), 2, torch.device("cpu"))
+    result = evaluate(module_summed_nats(Uniform(), 1), batches, byte_lengths)
     total_bytes = byte_lengths[labels].sum().item()
     assert result["val_loss"] == pytest.approx(math.log(VOCAB))
     assert result["val_bpb"] == pytest.approx(16 * math.log(VOCAB) / math.log(2) / total_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -587,6 +588,37 @@ def _check_tokenizer(c: _Checks) -> None:
                    f"remove {key} (--set {key}=null), or set tokenizer.type to the tokenizer it belongs to")
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_launcher(c: _Checks) -> None:
+    """The launcher keys each launcher.type needs, and those it would silently ignore."""
+    la = c.cfg.launcher
+    kind = la.type
+    if kind in ("pdsh", "openmpi", "mvapich") and not la.hostfile:
+        c.fail(c.blame("launcher.hostfile", "launcher.type"), f"launcher.type {kind} needs launcher.hostfile",
+               "set launcher.hostfile to a file with one `HOST slots=N` line per node (see launch/hostfile.example)")
+    uses = {"pdsh": {"hostfile", "include", "exclude"}, "openmpi": {"hostfile"}, "mvapich": {"hostfile"},
+            "mpirun": {"hostfile"}}.get(kind, set())
+    for field in ("hostfile", "include", "exclude"):
+        if field not in uses and getattr(la, field) is not None:
+            key = f"launcher.{field}"
+            c.fail(c.blame(key, "launcher.type"), f"is set but {c.ref('launcher.type')} does not use it",
+                   f"remove {key} (--set {key}=null), or set launcher.type to "
+                   + ("pdsh" if field != "hostfile" else "pdsh, openmpi, mvapich or mpirun"))
+    if la.include is not None and la.exclude is not None:
+        c.fail(c.blame("launcher.exclude", "launcher.include"), f"set together with {c.ref('launcher.include')}",
+               "use only one of launcher.include and launcher.exclude")
+    for name in la.env:
+        if not _ENV_NAME.fullmatch(name):
+            c.fail("launcher.env", f"{name!r} is not an environment variable name",
+                   "use letters, digits and underscores, not starting with a digit")
+    for pattern in la.forward_env:
+        if not _ENV_NAME.fullmatch(pattern.removesuffix("*")):
+            c.fail("launcher.forward_env", f"{pattern!r} is not a variable name or a PREFIX*",
+                   "list names like PYTHONPATH or prefixes like NCCL_*")
+
+
 def _split_weights(split: str) -> list[float] | None:
     try:
         weights = [float(w) for w in split.split(",")]
@@ -613,6 +645,7 @@ def validate(cfg: Config, world_size: int | None = None, origins: Mapping[str, s
     _check_layout(c, world_size)
     _check_optim(c)
     _check_data(c)
+    _check_launcher(c)
     if c.problems:
         raise ConfigError.of(c.problems)
 

@@ -6,9 +6,10 @@ Field docstrings become the field descriptions (``use_attribute_docstrings``), s
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import re
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 
 class Section(BaseModel):
@@ -65,6 +66,9 @@ class ParallelismConfig(Section):
     """Pipeline-parallel size (DeepSpeed PipelineModule)."""
     zero_stage: int = Field(1, ge=0, le=3)
     """DeepSpeed ZeRO stage over the data-parallel group (0 disables ZeRO)."""
+    partition_method: Literal["parameters", "uniform", "layers"] = "parameters"
+    """How pipeline stages split the layer list: balanced parameter counts, equal layer counts,
+    or equal numbers of transformer blocks."""
 
 
 class TokenizerConfig(Section):
@@ -156,7 +160,7 @@ class TrainingConfig(Section):
     eval_interval: int = Field(100, ge=1)
     """Evaluate on the validation split every this many steps (and at the end)."""
     eval_iters: int = Field(10, ge=1)
-    """Validation micro-batches per evaluation on each data-parallel rank."""
+    """Validation batches per evaluation, each of global_batch_size sequences (as Megatron)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA with nccl when available, else CPU with gloo."""
     generate_samples: int = Field(0, ge=0)
@@ -181,19 +185,71 @@ class LoggingConfig(Section):
     """Print one metrics line every this many steps."""
     run_dir: str = "runs/{name}"
     """Directory for the run's resolved config and metrics; {name} is replaced by config.name."""
+    tensorboard: bool = False
+    """Write tensorboard event files to run_dir/tensorboard (needs the `logging` extra)."""
+    wandb_mode: Literal["disabled", "offline", "online"] = "disabled"
+    """Weights & Biases: offline writes run files to run_dir/wandb; online needs WANDB_API_KEY in
+    the environment (never in a config file)."""
+    wandb_project: str = "megatron-gpt"
+    """W&B project name."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user); null means the account's default."""
+    peak_tflops: Optional[float] = Field(None, gt=0)
+    """Per-device peak TFLOP/s for MFU; null means a known GPU's bf16/fp16 peak (none on CPU)."""
+    plot: bool = True
+    """Write run_dir/loss.png (loss, validation loss and lr against step) at the end of training."""
+    profile_steps: Optional[list[int]] = None
+    """[first, last] steps to record with torch.profiler; traces go to run_dir/profile."""
+
+
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+"""Environment variable names whose values are masked wherever a config is printed or saved."""
+MASK = "***"
 
 
 class LauncherConfig(Section):
-    type: Literal["local"] = "local"
-    """How ranks are started: local runs torchrun on this host."""
+    type: Literal["local", "pdsh", "openmpi", "mvapich", "slurm", "mpirun"] = "local"
+    """How ranks are started: local (torchrun on this host); pdsh, openmpi, mvapich (DeepSpeed's
+    runner over launcher.hostfile); slurm (srun inside an allocation, one task per rank); mpirun
+    (Open MPI's mpirun, ranks discovered through mpi4py)."""
     nproc_per_node: int = Field(1, ge=1)
     """Processes (ranks) per node."""
     num_nodes: int = Field(1, ge=1)
-    """Number of nodes."""
+    """Number of nodes (pdsh: the first num_nodes hosts of the hostfile)."""
+    hostfile: Optional[str] = None
+    """MPI-style hostfile, one `HOST slots=N` line per node (pdsh, openmpi, mvapich; optional for
+    mpirun)."""
+    include: Optional[str] = None
+    """pdsh: hosts/slots to use, DeepSpeed syntax `host1@host2:0,1` (instead of num_nodes)."""
+    exclude: Optional[str] = None
+    """pdsh: hosts/slots to leave out, DeepSpeed syntax `host3@host1:2` (instead of num_nodes)."""
+    master_addr: Optional[str] = None
+    """Address of rank 0; null means the first host used from the hostfile (pdsh, openmpi,
+    mvapich), the first node of the SLURM node list (slurm), or rank 0's address (mpirun)."""
     master_port: int = Field(29500, ge=1, le=65535)
-    """Rendezvous port of rank 0."""
+    """Rendezvous port of rank 0 (local picks a free port itself)."""
+    env: dict[str, str] = {}
+    """Environment variables set on every rank, e.g. {NCCL_DEBUG: INFO}; values whose names look
+    secret (KEY, TOKEN, SECRET, PASSWORD...) are masked in --dry-run output and saved configs."""
+    forward_env: list[str] = ["NCCL_*", "GLOO_*", "WANDB_*", "PYTHONPATH", "HF_*", "MEGATRON_GPT_*"]
+    """Variables copied from the launching shell to every rank: names, or prefixes ending in *."""
+    launcher_args: str = ""
+    """Extra arguments for the underlying launcher (pdsh, mpirun or srun), e.g. "--bind-to none"."""
     threads_per_rank: Optional[int] = Field(None, ge=1)
-    """torch/OMP threads per rank; null means this host's cores divided by nproc_per_node."""
+    """torch/OMP threads per rank; null means the node's cores divided by its ranks."""
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_values_as_text(cls, value: Any) -> Any:
+        """YAML scalars (numbers, booleans) become the text a shell would see."""
+        if not isinstance(value, dict):
+            return value
+        return {k: (str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, (int, float)) else v)
+                for k, v in value.items()}
+
+    @field_serializer("env")
+    def _mask_secrets(self, env: dict[str, str]) -> dict[str, str]:
+        return {k: (MASK if SECRET_NAME.search(k) else v) for k, v in env.items()}
 
 
 class Config(Section):

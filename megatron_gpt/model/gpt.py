@@ -10,6 +10,7 @@ nor on the tensor-parallel size (megatron-core initializes the full tensor, then
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.model.layers import Block, make_norm, normal_init
+from megatron_gpt.model.layers import Block, KVCache, make_norm, normal_init
 
 
 def parallel_config(tensor: int = 1, pipeline: int = 1, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
@@ -44,10 +45,11 @@ class Embedding(nn.Module):
             normal_init(cfg.init_std)(self.position.weight)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         hidden = self.word(tokens)  # [b, s, h]
         if self.position is not None:
-            hidden = hidden + self.position(torch.arange(tokens.shape[1], device=tokens.device))
+            offset = cache.length if cache is not None else 0
+            hidden = hidden + self.position(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
         return self.dropout(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -102,10 +104,21 @@ def layer_specs(cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig
     return specs
 
 
-def build_layer(spec: LayerSpec, seed: int, position: int) -> nn.Module:
-    """Build one spec under a seed of its own, leaving the global RNG as it was."""
+def spec_seed(seed: int, position: int) -> int:
+    """The seed a layer at `position` of the spec list is initialized with."""
+    return seed * 1000 + position
+
+
+@contextmanager
+def seeded(seed: int):
+    """Run a block under a fixed seed, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + position)
+        torch.manual_seed(seed)
+        yield
+
+
+def build_layer(spec: LayerSpec, seed: int, position: int) -> nn.Module:
+    with seeded(spec_seed(seed, position)):
         return spec.cls(*spec.args, **spec.kwargs)
 
 
@@ -129,10 +142,27 @@ class GPT(nn.Module):
         self._calls = [(layers[i], spec.method) for i, spec in enumerate(self.specs)]
         self.vocab_size = vocab_size
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def canonical_names(self) -> dict[str, str]:
+        """Parameter name -> layout-independent name: `{spec position}.{name}`, or
+        `tied.{key}.{name}` for tied layers (the names a pipeline stage also maps to)."""
+        names = {}
+        for index, module in enumerate(self.layers):
+            position = next(p for p, (m, _) in enumerate(self._calls) if m is module)
+            key = self.specs[position].tie_key
+            prefix = f"tied.{key}" if key else str(position)
+            names.update({f"layers.{index}.{name}": f"{prefix}.{name}" for name, _ in module.named_parameters()})
+        return names
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [b, s, vocab/tp]; with a cache, `tokens` continue the cached positions."""
         hidden = tokens
         for module, method in self._calls:
-            hidden = getattr(module, method)(hidden)
+            if cache is not None and method == "forward" and isinstance(module, (Embedding, Block)):
+                hidden = module(hidden, cache)
+            else:
+                hidden = getattr(module, method)(hidden)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         return hidden
 
 

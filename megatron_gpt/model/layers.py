@@ -78,6 +78,23 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, per attention layer, for incremental decoding.
+    Every tensor rank caches its own heads; `length` is the number of cached positions."""
+
+    def __init__(self):
+        self.length = 0
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extend(self, layer: nn.Module, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's [b, s, kv_heads, d] keys/values; returns the full ones."""
+        past = self.layers.get(id(layer))
+        if past is not None:
+            key, value = torch.cat([past[0], key], dim=1), torch.cat([past[1], value], dim=1)
+        self.layers[id(layer)] = (key, value)
+        return key, value
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads.
 
@@ -106,30 +123,39 @@ class Attention(nn.Module):
             init_method=output_init(cfg), bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = hidden.shape
+        offset = cache.length if cache is not None else 0
         qkv, _ = self.qkv(hidden)
         qkv = qkv.view(batch, seq, self.local_kv_heads, self.q_per_kv + 2, self.head_dim)
         query = qkv[:, :, :, : self.q_per_kv].reshape(batch, seq, self.local_heads, self.head_dim)
         key, value = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
         if self.rotary_dims:
-            query = apply_rotary(query, self.rotary_dims, self.rotary_base)
-            key = apply_rotary(key, self.rotary_dims, self.rotary_base)
+            query = apply_rotary(query, self.rotary_dims, self.rotary_base, offset)
+            key = apply_rotary(key, self.rotary_dims, self.rotary_base, offset)
+        if cache is not None:
+            key, value = cache.extend(self, key, value)
         context = self._attend(query, key, value)  # [batch, seq, local_heads, head_dim]
         output, _ = self.dense(context.reshape(batch, seq, self.local_heads * self.head_dim))
         return output
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the last query.shape[1] positions over all key positions."""
         dropout = self.dropout if self.training else 0.0
         flash = _flash_attn_func() if self.backend != "sdpa" and query.is_cuda else None
         if self.backend == "flash" and flash is None:
             raise RuntimeError("model.attention_backend=flash needs flash-attn on a CUDA device; "
                                "install the 'gpu' extra or set model.attention_backend=auto")
         if flash is not None and query.dtype in (torch.float16, torch.bfloat16):
-            return flash(query, key, value, dropout_p=dropout, causal=True)  # GQA handled natively
+            # GQA handled natively; causal aligns to the bottom right when keys outnumber queries.
+            return flash(query, key, value, dropout_p=dropout, causal=True)
+        queries, keys = query.shape[1], key.shape[1]
+        mask = None
+        if queries not in (1, keys):  # a chunk after cached tokens: SDPA's is_causal is top-left aligned
+            mask = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)
         out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            dropout_p=dropout, is_causal=True, enable_gqa=self.q_per_kv > 1,
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask,
+            dropout_p=dropout, is_causal=queries == keys, enable_gqa=self.q_per_kv > 1,
         )
         return out.transpose(1, 2)
 
@@ -173,10 +199,10 @@ class Block(nn.Module):
         self.parallel_residual = cfg.parallel_residual
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if self.parallel_residual:
-            attn = self.attention(self.attn_norm(hidden))
+            attn = self.attention(self.attn_norm(hidden), cache)
             mlp = self.mlp(self.mlp_norm(hidden))
             return hidden + self.dropout(attn) + self.dropout(mlp)
-        hidden = hidden + self.dropout(self.attention(self.attn_norm(hidden)))
+        hidden = hidden + self.dropout(self.attention(self.attn_norm(hidden), cache))
         return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))

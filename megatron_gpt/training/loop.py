@@ -8,18 +8,22 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_gpt.config import batch_layout, config_to_dict, deepspeed_config, padded_vocab_size
+from megatron_gpt.config import batch_layout, config_to_dict, padded_vocab_size
 from megatron_gpt.config.schema import Config
 from megatron_gpt.data.datasets import SampleOrder, build_datasets, byte_lengths_table, collate
 from megatron_gpt.data.embedded import default_cache_dir, prepare_embedded
 from megatron_gpt.data.tokenizer import build_tokenizer
 from megatron_gpt.distributed import Topology, barrier, init_distributed, seed_everything
 from megatron_gpt.generation import sample
-from megatron_gpt.model import GPT, masked_mean, parallel_config, token_losses
-from megatron_gpt.training import checkpoint
-from megatron_gpt.training.evaluate import evaluate
-from megatron_gpt.training.metrics import MetricsLog
-from megatron_gpt.training.schedule import lr_multiplier
+from megatron_gpt.model import masked_mean, token_losses
+from megatron_gpt.training import checkpoint, preemption
+from megatron_gpt.training.backends import Backends
+from megatron_gpt.training.engine import build_engine, build_model
+from megatron_gpt.training.evaluate import eval_batches, evaluate, module_summed_nats
+from megatron_gpt.training.flops import peak_flops, training_flops_per_token
+from megatron_gpt.training.metrics import MetricsLog, Throughput
+from megatron_gpt.training.plot import plot_metrics
+from megatron_gpt.training.profile import StepProfiler
 
 
 def dataset_prefixes(cfg: Config, topo: Topology, cache_dir: str) -> list[str]:
@@ -31,112 +35,176 @@ def dataset_prefixes(cfg: Config, topo: Topology, cache_dir: str) -> list[str]:
     return [prefix or prepare_embedded(cfg.data.embedded, cache_dir)]
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, topo: Topology):
-    import deepspeed
-
-    decay, no_decay = [], []
-    for param in model.parameters():
-        (decay if param.ndim >= 2 else no_decay).append(param)  # no decay on biases and norms
-    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=deepspeed_config(cfg, topo.world_size),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg)),
-        dist_init_required=False,
-    )
-    return engine
+def run_dir_path(cfg: Config) -> Path:
+    return Path(cfg.logging.run_dir.format(name=cfg.name))
 
 
 def prepare_run_dir(cfg: Config, topo: Topology) -> Path | None:
     if not topo.is_first:
         return None
-    run_dir = Path(cfg.logging.run_dir.format(name=cfg.name))
+    run_dir = run_dir_path(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return run_dir
 
 
-def train(cfg: Config) -> dict:
-    """Train on this rank; returns the last validation metrics (the same on every rank)."""
-    started = time.perf_counter()
-    topo = init_distributed(cfg.parallelism.tensor, cfg.parallelism.pipeline, cfg.training.device)
-    seed_everything(cfg.training.seed)
-    layout = batch_layout(cfg, topo.world_size)
-    cache_dir = cfg.data.cache_dir or default_cache_dir()
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    prefixes = dataset_prefixes(cfg, topo, cache_dir)
-    vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg)
-    model = GPT(cfg.model, vocab_size, parallel_config(topo.tensor, topo.pipeline), seed=cfg.training.seed)
-    engine = build_engine(model.to(topo.device), cfg, topo)
-    group = topo.data_parallel_group
+class Trainer:
+    """Everything one rank needs, built once; `run` trains, evaluates and saves."""
 
-    order = SampleOrder(layout.micro_batch_size, layout.gradient_accumulation_steps, topo.data, topo.data_rank)
-    eval_order = SampleOrder(layout.micro_batch_size, 1, topo.data, topo.data_rank)
-    steps = cfg.training.train_steps
-    data = cfg.data.model_copy(update={"embedded": None, "paths": prefixes}) if cfg.data.embedded else cfg.data
-    train_set, valid_set = build_datasets(
-        data, cfg.model.seq_length, cfg.training.seed, tokenizer,
-        train_samples=steps * layout.global_batch_size,
-        valid_samples=cfg.training.eval_iters * eval_order.global_batch_size,
-        cache_dir=cache_dir)
-    byte_lengths = byte_lengths_table(tokenizer, vocab_size)
-    start_step = checkpoint.resume(engine, cfg)
+    def __init__(self, cfg: Config, started: float | None = None):
+        started = time.perf_counter() if started is None else started
+        self.cfg = cfg
+        self.topo = topo = init_distributed(cfg.parallelism.tensor, cfg.parallelism.pipeline, cfg.training.device)
+        seed_everything(cfg.training.seed)
+        self.layout = layout = batch_layout(cfg, topo.world_size)
+        cache_dir = cfg.data.cache_dir or default_cache_dir()
+        self.tokenizer = tokenizer = build_tokenizer(cfg.tokenizer)
+        prefixes = dataset_prefixes(cfg, topo, cache_dir)
+        vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg)
+        self.model = build_model(cfg, vocab_size, topo)
+        self.engine = build_engine(self.model.to(topo.device), cfg, topo)
+        self.pipelined = topo.pipeline > 1
+        self.group = topo.data_parallel_group
 
-    run_dir = prepare_run_dir(cfg, topo)
-    metrics = MetricsLog(run_dir, layout.global_batch_size * cfg.model.seq_length, steps, group)
-    say = metrics.print
-    say(f"world {topo.world_size} (tp {topo.tensor} x pp {topo.pipeline} x dp {topo.data}), "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters, global batch {layout.global_batch_size} "
-        f"x {cfg.model.seq_length} tokens, steps {start_step}->{steps}, set-up {time.perf_counter() - started:.1f}s")
+        self.order = SampleOrder(layout.micro_batch_size, layout.gradient_accumulation_steps, topo.data, topo.data_rank)
+        steps = cfg.training.train_steps
+        data = cfg.data.model_copy(update={"embedded": None, "paths": prefixes}) if cfg.data.embedded else cfg.data
+        train_set, valid_set = build_datasets(
+            data, cfg.model.seq_length, cfg.training.seed, tokenizer,
+            train_samples=steps * layout.global_batch_size,
+            valid_samples=cfg.training.eval_iters * layout.global_batch_size,
+            cache_dir=cache_dir)
+        self.train_set = train_set
+        self.valid_batches = eval_batches(valid_set, self.order, cfg.training.eval_iters, topo.device)
+        self.byte_lengths = byte_lengths_table(tokenizer, vocab_size)
+        self.start_step = checkpoint.resume(self.engine, cfg)
 
-    def run_eval(step: int) -> dict:
-        result = evaluate(engine, valid_set, eval_order, cfg.training.eval_iters, byte_lengths,
-                          topo.tensor, topo.device, group)
-        metrics.write([{"step": step, **result}])
-        say(f"step {step:>6}/{steps} | validation loss {result['val_loss']:.4f} | "
-            f"validation bits per byte {result['val_bpb']:.4f}")
+        self.run_dir = run_dir = prepare_run_dir(cfg, topo)
+        tokens_per_step = layout.global_batch_size * cfg.model.seq_length
+        throughput = Throughput(
+            tokens_per_step=tokens_per_step, samples_per_step=layout.global_batch_size,
+            flops_per_step=training_flops_per_token(cfg.model, vocab_size) * tokens_per_step,
+            world_size=topo.world_size,
+            peak_flops=peak_flops(cfg.logging.peak_tflops, topo.device, cfg.training.precision))
+        self.backends = Backends(cfg, run_dir, config_to_dict(cfg)) if run_dir is not None else None
+        self.metrics = MetricsLog(run_dir, throughput, steps, self.group, topo.device, self.backends)
+        self.say = self.metrics.print
+        parameters = sum(p.numel() for p in self.model.parameters())
+        self.say(f"world {topo.world_size} (tp {topo.tensor} x pp {topo.pipeline} x dp {topo.data}), "
+                 f"{parameters:,} parameters on rank 0, global batch {layout.global_batch_size} x "
+                 f"{cfg.model.seq_length} tokens, steps {self.start_step}->{steps}, "
+                 f"set-up {time.perf_counter() - started:.1f}s")
+
+    def micro_batches(self, step: int) -> list[dict]:
+        return [collate(self.train_set, self.order.micro_batch_indices(step, micro), self.topo.device)
+                for micro in range(self.layout.gradient_accumulation_steps)]
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimizer step: the step's loss (mean over its micro-batches) and the wall time of
+        its phases in seconds (host time: on a GPU, kernels still queued are not in it)."""
+        clock = time.perf_counter
+        started = clock()
+        batches = self.micro_batches(step)
+        loaded = clock()
+        if self.pipelined:
+            loss = self.engine.train_batch(iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches]))
+            return loss, {"data": loaded - started, "pipeline": clock() - loaded}
+        step_loss = torch.zeros((), device=self.topo.device)
+        forward_backward = optimizer = 0.0
+        for batch in batches:
+            begin = clock()
+            logits = self.engine(batch["tokens"])
+            loss = masked_mean(token_losses(logits, batch["labels"], self.topo.tensor), batch["loss_mask"])
+            self.engine.backward(loss)
+            middle = clock()
+            self.engine.step()
+            forward_backward += middle - begin
+            optimizer += clock() - middle
+            step_loss += loss.detach()
+        return step_loss / len(batches), {"data": loaded - started, "forward_backward": forward_backward,
+                                          "optimizer": optimizer}
+
+    def summed_nats(self, batches: list[dict]) -> torch.Tensor:
+        if not self.pipelined:
+            return module_summed_nats(self.engine, self.topo.tensor)(batches)
+        loss_fn = self.engine.module.loss_fn
+        loss_fn.summed = True
+        try:  # eval_batch averages the per-micro-batch sums over micro-batches and data ranks
+            mean = self.engine.eval_batch(iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches]),
+                                          num_micro_batches=len(batches))
+        finally:
+            loss_fn.summed = False
+        return mean.double().cpu() * len(batches)
+
+    def evaluate(self, step: int) -> dict:
+        self.metrics.flush()  # backends such as wandb need steps in order: training rows first
+        result = evaluate(self.summed_nats, self.valid_batches, self.byte_lengths, self.group)
+        self.metrics.write([{"step": step, **result}])
+        self.say(f"step {step:>6}/{self.cfg.training.train_steps} | validation loss {result['val_loss']:.4f} | "
+                 f"validation bits per byte {result['val_bpb']:.4f}")
         return result
 
-    tensor_parallel = topo.tensor
-    train_started = time.perf_counter()
-    result: dict = {}
-    for step in range(start_step, steps):
-        lr = engine.get_lr()[0]
-        step_loss = torch.zeros((), device=topo.device)
-        for micro in range(layout.gradient_accumulation_steps):
-            batch = collate(train_set, order.micro_batch_indices(step, micro), topo.device)
-            loss = masked_mean(token_losses(engine(batch["tokens"]), batch["labels"], tensor_parallel),
-                               batch["loss_mask"])
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach()
-        metrics.record(step, step_loss / layout.gradient_accumulation_steps, lr, engine.get_global_grad_norm())
-        done = step + 1
-        if done % cfg.logging.log_interval == 0 or done == steps:
-            metrics.flush()
-        if done % cfg.training.eval_interval == 0 and done != steps:
-            result = run_eval(done)
-            metrics.window_start = time.perf_counter()  # keep eval time out of tokens/s
-        if cfg.checkpoint.save_dir and cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0 \
-                and done != steps:
-            checkpoint.save(engine, cfg, done, done * layout.global_batch_size)
-    trained = steps - start_step
-    if trained:
-        seconds = time.perf_counter() - train_started
-        say(f"trained {trained} steps in {seconds:.1f}s "
-            f"({trained * layout.global_batch_size * cfg.model.seq_length / seconds:,.0f} tokens/s)")
-    result = run_eval(steps)
-    say(f"validation bits per byte: {result['val_bpb']:.4f}")
-    if cfg.checkpoint.save_dir and trained:
-        say(f"saved checkpoint {checkpoint.save(engine, cfg, steps, steps * layout.global_batch_size)}")
-    generate_samples(engine, cfg, tokenizer, topo, say)
-    return result
+    def save(self, step: int) -> str:
+        return checkpoint.save(self.engine, self.cfg, step, step * self.layout.global_batch_size)
+
+    def run(self) -> dict:
+        """Train from the resumed step to train_steps; returns the final validation metrics."""
+        cfg, steps = self.cfg, self.cfg.training.train_steps
+        save_every = cfg.checkpoint.save_interval if cfg.checkpoint.save_dir else None
+        profiler = StepProfiler(cfg.logging.profile_steps, run_dir_path(cfg) / "profile", self.topo)
+        train_started = time.perf_counter()
+        stop = preemption.watch()
+        for step in range(self.start_step, steps):
+            lr = self.engine.get_lr()[0]
+            with profiler.step(step):
+                loss, timings = self.train_step(step)
+            self.metrics.record(step, loss, lr, self.engine.get_global_grad_norm(), timings)
+            done = step + 1
+            if done % cfg.logging.log_interval == 0 or done == steps:
+                self.metrics.flush()
+            if done % cfg.training.eval_interval == 0 and done != steps:
+                self.evaluate(done)
+                self.metrics.window_start = time.perf_counter()  # keep eval time out of tokens/s
+            if save_every and done % save_every == 0 and done != steps:
+                self.save(done)
+            if done != steps and stop.requested(self.topo.device):  # a signal on any rank: all stop here
+                preemption.stop(self, done)  # flush, save, raise Preempted
+        trained = steps - self.start_step
+        if trained:
+            seconds = time.perf_counter() - train_started
+            tokens = trained * self.layout.global_batch_size * cfg.model.seq_length
+            self.say(f"trained {trained} steps in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s)")
+        result = self.evaluate(steps)
+        self.say(f"validation bits per byte: {result['val_bpb']:.4f}")
+        if cfg.checkpoint.save_dir and trained:
+            self.say(f"saved checkpoint {self.save(steps)}")
+        self.generate_samples()
+        self.finish()
+        return result
+
+    def finish(self) -> None:
+        """Rank 0: the loss-curve PNG and closing the logging backends."""
+        if self.run_dir is None:
+            return
+        if self.cfg.logging.plot and (self.run_dir / "metrics.jsonl").exists():
+            self.say(f"loss curve: {plot_metrics(self.run_dir / 'metrics.jsonl', self.run_dir / 'loss.png')}")
+        self.backends.close()
+
+    def generate_samples(self) -> None:
+        """Print a few samples from the trained model (every rank samples; rank 0 prints)."""
+        cfg = self.cfg.training
+        if not cfg.generate_samples:
+            return
+        if self.pipelined:
+            self.say("(samples skipped: sampling runs on pipeline=1 models)")
+            return
+        prompt = self.tokenizer.encode(cfg.generate_prompt)
+        for index in range(cfg.generate_samples):
+            new_ids = sample(self.engine, prompt, cfg.generate_tokens, self.cfg.model.seq_length,
+                             self.tokenizer.vocab_size, seed=cfg.seed + index, device=self.topo.device)
+            self.say(f"--- sample {index + 1} ---\n{cfg.generate_prompt}{self.tokenizer.decode(new_ids)}")
 
 
-def generate_samples(model, cfg: Config, tokenizer, topo: Topology, say) -> None:
-    """Print a few samples from the trained model (every rank samples; rank 0 prints)."""
-    prompt = tokenizer.encode(cfg.training.generate_prompt)
-    for index in range(cfg.training.generate_samples):
-        new_ids = sample(model, prompt, cfg.training.generate_tokens, cfg.model.seq_length,
-                         tokenizer.vocab_size, seed=cfg.training.seed + index, device=topo.device)
-        say(f"--- sample {index + 1} ---\n{cfg.training.generate_prompt}{tokenizer.decode(new_ids)}")
+def train(cfg: Config, started: float | None = None) -> dict:
+    """Train on this rank; returns the last validation metrics (the same on every rank)."""
+    return Trainer(cfg, started).run()

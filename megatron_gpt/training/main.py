@@ -5,22 +5,48 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
+
+STARTED = time.perf_counter()  # before the heavy imports, so set-up time includes them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="megatron_gpt.training.main")
     parser.add_argument("configs", nargs="+", help="YAML files, merged in order")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by `deepspeed` without --no_local_rank; LOCAL_RANK wins
     return parser.parse_args(argv)
+
+
+def join_launch(configs: list[str], overrides: list[str]) -> str:
+    """Before the process group: RANK/WORLD_SIZE/MASTER_* from srun or mpirun when torchrun or
+    DeepSpeed did not set them, launcher.env, threads; prints this rank's line. Returns the source."""
+    from megatron_gpt.config.loader import resolve
+    from megatron_gpt.launch import ranks
+
+    launcher = resolve(configs, overrides)[0].launcher
+    how = ranks.discover(os.environ, launcher.master_addr, launcher.master_port)
+    os.environ.update(launcher.env)
+    os.environ.setdefault("OMP_NUM_THREADS", str(ranks.default_threads(os.environ, launcher.threads_per_rank)))
+    if how != "single":
+        master, port = os.environ.get("MASTER_ADDR", "?"), int(os.environ.get("MASTER_PORT", "0") or 0)
+        print(f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} local_rank {os.environ.get('LOCAL_RANK', '0')} "
+              f"node {ranks.address_towards(master, port or 1)} ({os.uname().nodename}) started by {how}; "
+              f"rendezvous {master}:{port}", flush=True)
+    return how
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")  # import-time notices about optional deps
     from megatron_gpt.config import ConfigError, load_config
+    from megatron_gpt.training import preemption
 
+    preemption.watch()  # from here on, SIGTERM/SIGUSR1 stops training at the next step boundary
     try:
+        join_launch(args.configs, args.overrides)
         cfg = load_config(args.configs, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -30,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_gpt.training.loop import train
 
     try:
-        train(cfg)
+        train(cfg, STARTED)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            print(f"rank {dist.get_rank()}/{dist.get_world_size()}: finished", flush=True)
+    except preemption.Preempted:
+        return preemption.exit_code()
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

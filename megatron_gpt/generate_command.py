@@ -1,0 +1,86 @@
+"""`megatron-gpt generate CHECKPOINT`: sample from a checkpoint saved under any layout (its shards
+are merged into one process) from a prompt, a file of prompts, or interactively."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _read_prompts(path: str) -> list[str]:
+    """JSONL with a "prompt" (or "text") field per line, or plain text with one prompt per line."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                record = json.loads(line)
+                prompts.append(record["prompt"] if "prompt" in record else record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: expected a JSON object with a \"prompt\" field ({error}); "
+                                 "fix: write one {\"prompt\": \"...\"} per line") from error
+        else:
+            prompts.append(line)
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from megatron_gpt.generation import SamplingOptions, generate
+    from megatron_gpt.inference import load_checkpoint
+
+    try:
+        prompts = _read_prompts(args.prompt_file) if args.prompt_file else []
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    loaded = load_checkpoint(args.checkpoint, args.tag)
+    tokenizer, model_cfg = loaded.tokenizer, loaded.cfg.model
+    options = SamplingOptions(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+        stop_ids=() if args.no_stop_at_eod else (tokenizer.eod,), seed=args.seed)
+
+    def complete(prompt: str) -> str:
+        ids = generate(loaded.model, tokenizer.encode(prompt), options, tokenizer.vocab_size, model_cfg.seq_length,
+                       use_cache=not args.no_cache, decode=tokenizer.decode)
+        return tokenizer.decode(ids)
+
+    if args.prompt_file:
+        output = Path(args.output or Path(args.prompt_file).with_suffix(".completions.jsonl"))
+        temporary = output.with_name(f".{output.name}.tmp{os.getpid()}")
+        with temporary.open("w", encoding="utf-8") as handle:
+            for prompt in prompts:
+                handle.write(json.dumps({"prompt": prompt, "completion": complete(prompt)}) + "\n")
+        os.replace(temporary, output)
+        print(f"wrote {len(prompts)} completions to {output}")
+    elif args.prompt is not None:
+        print(args.prompt + complete(args.prompt))
+    else:  # interactive: one prompt per line until end of input
+        print(f"step {loaded.step} checkpoint; one prompt per line, Ctrl-D to quit", file=sys.stderr)
+        for line in sys.stdin:
+            print(line.rstrip("\n") + complete(line.rstrip("\n")), flush=True)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="sample text from a checkpoint (any tp/pp layout)")
+    parser.add_argument("checkpoint", help="checkpoint.save_dir of a run (or one global_step* folder in it)")
+    parser.add_argument("--tag", default=None, help="which global_stepN to load (default: `latest`)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default=None, help="one prompt (default: read prompts from stdin)")
+    source.add_argument("--prompt-file", default=None, help=".jsonl with {\"prompt\": ...} lines, or .txt lines")
+    parser.add_argument("--output", default=None, help="completions JSONL for --prompt-file")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="0 disables")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--no-stop-at-eod", action="store_true", help="keep going past end-of-document")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (no KV cache)")
+    parser.set_defaults(func=_generate)

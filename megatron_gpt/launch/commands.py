@@ -1,0 +1,251 @@
+"""The command each launcher type runs on this host, and what then runs on every node.
+
+local: torchrun. pdsh / openmpi / mvapich: stock DeepSpeed (`python -m deepspeed.launcher.runner`)
+over launcher.hostfile. slurm: srun inside an allocation. mpirun: Open MPI's mpirun. Every rank
+runs the same entry point, `python -u -m megatron_gpt.training.main CONFIG... --set K=V`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from megatron_gpt.config.schema import Config
+from megatron_gpt.launch import environment
+from megatron_gpt.launch.ranks import default_threads
+
+RANK_ENTRY = "megatron_gpt.training.main"
+HOSTFILE_TYPES = ("pdsh", "openmpi", "mvapich")
+
+
+class LaunchError(RuntimeError):
+    """A launch that cannot work as configured; the message names the key and the fix."""
+
+
+@dataclass
+class Node:
+    """What one node runs, for --dry-run."""
+
+    where: str
+    command: str
+
+
+@dataclass
+class Plan:
+    """The command to run on this host, the variables to add for it, and per-node commands."""
+
+    kind: str
+    command: list[str]
+    env: dict[str, str]
+    nodes: list[Node]
+    summary: str
+    env_file: dict[str, str] | None = None   # DeepSpeed's DS_ENV_FILE contents (hostfile types)
+    signal_ranks: bool = False                # local: signals go to the ranks, not to torchrun
+    notes: list[str] = field(default_factory=list)
+
+
+def rank_arguments(config_files: list[str], overrides: list[str]) -> list[str]:
+    args = [os.path.abspath(path) for path in config_files]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def rank_command(config_files: list[str], overrides: list[str]) -> list[str]:
+    return [sys.executable, "-u", "-m", RANK_ENTRY, *rank_arguments(config_files, overrides)]
+
+
+def threads_per_rank(cfg: Config) -> int:
+    """Intra-op threads per local rank: this host's cores shared out, so ranks do not oversubscribe."""
+    return default_threads({"LOCAL_WORLD_SIZE": str(cfg.launcher.nproc_per_node)}, cfg.launcher.threads_per_rank)
+
+
+def _root_mpi_env() -> dict[str, str]:
+    # Open MPI refuses to start as root (containers, CI) unless told it is intended.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    return {}
+
+
+def local_plan(cfg: Config, config_files: list[str], overrides: list[str]) -> Plan:
+    """torchrun on this host with nproc_per_node ranks (free rendezvous port via --standalone)."""
+    la = cfg.launcher
+    if la.num_nodes > 1:
+        raise LaunchError(f"launcher.num_nodes is {la.num_nodes}, but launcher.type local starts ranks on this host "
+                          "only; fix: set launcher.type to pdsh, openmpi, mvapich, slurm or mpirun, or "
+                          "launcher.num_nodes to 1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={la.nproc_per_node}",
+               "-m", RANK_ENTRY, *rank_arguments(config_files, overrides)]
+    env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg)), **la.env}
+    return Plan("local", command, env, [],
+                f"local: torchrun, {la.nproc_per_node} ranks on this host", signal_ranks=True)
+
+
+def slurm_plan(cfg: Config, config_files: list[str], overrides: list[str]) -> Plan:
+    """srun inside the current allocation: one task per rank; ranks read SLURM_PROCID etc."""
+    la = cfg.launcher
+    command = ["srun", f"--nodes={la.num_nodes}", f"--ntasks={cfg.world_size}",
+               f"--ntasks-per-node={la.nproc_per_node}", "--kill-on-bad-exit=1", *_split(la.launcher_args),
+               *rank_command(config_files, overrides)]
+    env = {**environment.forwarded(la, os.environ), "MASTER_PORT": str(la.master_port)}
+    if la.master_addr:
+        env["MASTER_ADDR"] = la.master_addr
+    if la.threads_per_rank:
+        env["OMP_NUM_THREADS"] = str(la.threads_per_rank)
+    rank = environment.printable(rank_command(config_files, overrides))
+    where = (f"each of {la.num_nodes} node(s) of the allocation, {la.nproc_per_node} task(s) per node "
+             "(RANK=SLURM_PROCID, WORLD_SIZE=SLURM_NTASKS, LOCAL_RANK=SLURM_LOCALID, MASTER_ADDR="
+             + (la.master_addr or "first node of SLURM_STEP_NODELIST") + ")")
+    return Plan("slurm", command, env, [Node(where, rank)],
+                f"slurm: srun, {la.num_nodes} node(s) x {la.nproc_per_node} = world size {cfg.world_size}")
+
+
+def mpirun_plan(cfg: Config, config_files: list[str], overrides: list[str]) -> Plan:
+    """Open MPI's mpirun; each rank finds its rank, world size and rank 0's address via mpi4py."""
+    la = cfg.launcher
+    env = {**environment.forwarded(la, os.environ), "MASTER_PORT": str(la.master_port), **_root_mpi_env()}
+    if la.threads_per_rank:
+        env["OMP_NUM_THREADS"] = str(la.threads_per_rank)
+    command = ["mpirun", "-np", str(cfg.world_size)]
+    if la.hostfile:
+        command += ["--hostfile", os.path.abspath(la.hostfile)]
+    if la.hostfile or la.num_nodes > 1:
+        command += ["--npernode", str(la.nproc_per_node)]
+    for name in env:  # -x NAME exports the value from mpirun's environment: secrets stay off the command line
+        if not name.startswith("OMPI_"):
+            command += ["-x", name]
+    command += [*_split(la.launcher_args), *rank_command(config_files, overrides)]
+    where = (f"{la.num_nodes} node(s) x {la.nproc_per_node} rank(s)"
+             + (f" from {la.hostfile}" if la.hostfile else (" of the MPI allocation" if la.num_nodes > 1 else " on this host"))
+             + " (ranks via mpi4py)")
+    return Plan("mpirun", command, env, [Node(where, environment.printable(rank_command(config_files, overrides)))],
+                f"mpirun: {la.num_nodes} node(s) x {la.nproc_per_node} = world size {cfg.world_size}")
+
+
+def _split(text: str) -> list[str]:
+    import shlex
+
+    return shlex.split(text)
+
+
+def deepspeed_plan(cfg: Config, config_files: list[str], overrides: list[str]) -> Plan:
+    """Stock DeepSpeed runner with --launcher pdsh|openmpi|mvapich over the hostfile."""
+    from deepspeed.launcher import runner as ds
+
+    la, kind = cfg.launcher, cfg.launcher.type
+    hostfile = os.path.abspath(la.hostfile or "")
+    if not os.path.isfile(hostfile):
+        raise LaunchError(f"launcher.hostfile {la.hostfile}: no such file; fix: write one `HOST slots=N` line "
+                          "per node (see launch/hostfile.example)")
+    with open(hostfile, encoding="utf-8") as f:
+        try:
+            pool = ds._parse_hostfile(f.readlines())
+        except ValueError as error:
+            raise LaunchError(f"launcher.hostfile {la.hostfile}: {error}; fix: one `HOST slots=N` line per node") from None
+    filtered = la.include is not None or la.exclude is not None
+    try:
+        active = ds.parse_inclusion_exclusion(pool, la.include or "", la.exclude or "")
+    except ValueError as error:
+        raise LaunchError(f"launcher.include/exclude: {error}; fix: name hosts from {la.hostfile}") from None
+    if kind == "pdsh" and not filtered:
+        short = [h for h, slots in list(active.items())[:la.num_nodes] if len(slots) < la.nproc_per_node]
+        if len(active) < la.num_nodes or short:
+            raise LaunchError(f"launcher.hostfile {la.hostfile} has {len(active)} host(s) "
+                              f"({', '.join(f'{h}: {len(s)} slots' for h, s in active.items())}), but the launcher "
+                              f"asks for {la.num_nodes} node(s) x {la.nproc_per_node} slots; fix: set "
+                              "launcher.num_nodes / launcher.nproc_per_node to fit, or add hosts")
+        active = ds.apply_num_nodes_and_gpus(active, la.num_nodes, la.nproc_per_node)
+    world = sum(len(slots) for slots in active.values())
+    counts = {len(slots) for slots in active.values()}
+    if world != cfg.world_size or len(active) != la.num_nodes or counts != {la.nproc_per_node}:
+        what = "after launcher.include/exclude " if filtered else ""
+        raise LaunchError(f"launcher.hostfile {la.hostfile} {what}gives "
+                          f"{', '.join(f'{h}: {len(s)}' for h, s in active.items())} ranks (world size {world}), but "
+                          f"launcher.num_nodes {la.num_nodes} x launcher.nproc_per_node {la.nproc_per_node} = "
+                          f"{cfg.world_size}; fix: make them agree (the config's batch and parallel sizes are "
+                          "checked against num_nodes x nproc_per_node)")
+    master = la.master_addr or next(iter(active))
+    exports = environment.forwarded(la, os.environ)
+    if la.threads_per_rank:
+        exports["OMP_NUM_THREADS"] = str(la.threads_per_rank)
+    secret = any(environment.is_secret(k) for k in exports)
+    runner_args = ["--hostfile", hostfile, "--launcher", kind, "--master_addr", master,
+                   "--master_port", str(la.master_port), "--force_multi", "--no_local_rank", "--module"]
+    if la.include is not None:
+        runner_args += ["--include", la.include]
+    elif la.exclude is not None:
+        runner_args += ["--exclude", la.exclude]
+    elif kind == "pdsh":
+        runner_args += ["--num_nodes", str(la.num_nodes), "--num_gpus", str(la.nproc_per_node)]
+    if la.launcher_args:
+        runner_args += ["--launcher_args", la.launcher_args]
+    if secret:
+        runner_args += ["--log_level", "warning"]  # DeepSpeed logs the full pdsh/mpirun command at info
+    runner_args += [RANK_ENTRY, *rank_arguments(config_files, overrides)]
+    command = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", *runner_args]
+    env = {"DS_ENV_FILE": "<file written at launch>", **(_root_mpi_env() if kind == "openmpi" else {})}
+    nodes = _deepspeed_nodes(ds, runner_args, pool, active, exports, kind)
+    return Plan(kind, command, env, nodes,
+                f"{kind}: DeepSpeed runner, {len(active)} node(s) x {la.nproc_per_node} = world size {world}, "
+                f"master {master}:{la.master_port}", env_file=exports)
+
+
+def _deepspeed_nodes(ds, runner_args: list[str], pool, active, exports: dict[str, str], kind: str) -> list[Node]:
+    """What DeepSpeed's runner will run on each node, computed by DeepSpeed's own runner classes."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.launcher import multinode_runner as mr
+
+    args = ds.parse_args([environment.mask_argument(a) for a in runner_args])  # shown, never run
+    world_info = ds.encode_world_info(active)
+    env = os.environ.copy()  # the same exports runner.main() adds before our DS_ENV_FILE entries
+    env["PYTHONPATH"] = os.path.abspath(".") + (":" + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    cls = {"pdsh": mr.PDSHRunner, "openmpi": mr.OpenMPIRunner, "mvapich": mr.MVAPICHRunner}[kind]
+    runner = cls(args, world_info) if kind == "pdsh" else cls(args, world_info, pool)
+    prefixes = ds.EXPORT_ENVS + get_accelerator().export_envs()
+    for var, value in env.items():
+        if any(var.startswith(p) for p in prefixes):
+            runner.add_export(var, value)
+    for var, value in environment.masked(exports).items():
+        runner.add_export(var, value)
+    nodes, first = [], 0
+    if kind == "pdsh":
+        cmd, _, _ = runner.get_cmd(env, active)
+        head = 6 + len(_split(args.launcher_args))  # `pdsh -S -f N -w HOSTS [launcher_args]`
+        line = " ".join(cmd[head:])
+        nodes.append(Node("this host runs", " ".join(cmd[:head]) + " <the node command below, %n = node index>"))
+        for index, (host, slots) in enumerate(active.items()):
+            nodes.append(Node(f"node {index} ({host}), ranks {first}-{first + len(slots) - 1}",
+                              line.replace("%n", str(index))))
+            first += len(slots)
+        return nodes
+    if kind == "mvapich":  # get_cmd writes DeepSpeed's host list: write it to a scratch file instead
+        import tempfile
+
+        real, (fd, scratch) = mr.MVAPICH_TMP_HOSTFILE, tempfile.mkstemp()
+        os.close(fd)
+        try:
+            mr.MVAPICH_TMP_HOSTFILE = scratch
+            cmd = [real if word == scratch else word for word in runner.get_cmd(env, active)]
+        finally:
+            mr.MVAPICH_TMP_HOSTFILE = real
+            os.unlink(scratch)
+    else:
+        cmd = runner.get_cmd(env, active)
+    nodes.append(Node("this host runs", " ".join(cmd)))
+    rank = environment.printable([sys.executable, "-u", "-m", args.user_script, *args.user_args])
+    for index, (host, slots) in enumerate(active.items()):
+        nodes.append(Node(f"node {index} ({host}), ranks {first}-{first + len(slots) - 1} (started by mpirun)", rank))
+        first += len(slots)
+    return nodes
+
+
+def plan(cfg: Config, config_files: list[str], overrides: list[str]) -> Plan:
+    kind = cfg.launcher.type
+    if kind == "local":
+        return local_plan(cfg, config_files, overrides)
+    if kind == "slurm":
+        return slurm_plan(cfg, config_files, overrides)
+    if kind == "mpirun":
+        return mpirun_plan(cfg, config_files, overrides)
+    return deepspeed_plan(cfg, config_files, overrides)

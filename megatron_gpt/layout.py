@@ -1,0 +1,152 @@
+"""`megatron-gpt layout`: where every rank sits, which layers it holds, and what it costs in
+memory — computed from the config alone, no process started.
+
+Parameter counts are exact per tensor-parallel shard (the same numbers DeepSpeed's pipeline
+partitioner sees), stages come from DeepSpeed's own partition functions, and rank order is
+megatron-core's (tensor fastest, then data, then pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from megatron_gpt.config.schema import Config, ModelConfig
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """One position of the layer list on one tensor rank."""
+
+    name: str
+    sharded: int  # split over tensor ranks (this rank's slice)
+    replicated: int  # the same on every tensor rank
+    tie_key: str | None = None
+
+    @property
+    def held(self) -> int:
+        return self.sharded + self.replicated
+
+
+def layer_counts(model: ModelConfig, vocab_size: int, tensor: int) -> list[LayerCount]:
+    from megatron_gpt.model.layers import ffn_size
+
+    h = model.hidden_size
+    head_dim = h // model.num_attention_heads
+    kv_heads = model.num_kv_heads or model.num_attention_heads
+    norm = h * (2 if model.norm == "layernorm" and model.bias else 1)
+    bias = 1 if model.bias else 0
+    qkv_out = (model.num_attention_heads + 2 * kv_heads) * head_dim
+    ffn = ffn_size(model)
+    mlp_in = (2 if model.activation == "swiglu" else 1) * (h * ffn + bias * ffn)
+    block = LayerCount("Block",
+                       sharded=(h * qkv_out + bias * qkv_out + model.num_attention_heads * head_dim * h + mlp_in
+                                + ffn * h) // tensor,
+                       replicated=2 * norm + 2 * bias * h)
+    positions = model.seq_length * h if model.position_embedding == "learned" else 0
+    tie = "embedding" if model.tie_embeddings else None
+    embedding = LayerCount("Embedding", vocab_size * h // tensor, positions, tie)
+    head = embedding if model.tie_embeddings else LayerCount("OutputLayer", vocab_size * h // tensor, 0)
+    return [embedding, *[block] * model.num_layers, LayerCount("FinalNorm", 0, norm), head]
+
+
+def stage_bounds(cfg: Config, counts: list[LayerCount]) -> list[int]:
+    """Stage boundaries exactly as DeepSpeed's PipelineModule computes them."""
+    from deepspeed.runtime import utils as ds_utils
+
+    stages, method = cfg.parallelism.pipeline, cfg.parallelism.partition_method
+    if method == "uniform":
+        return ds_utils.partition_uniform(num_items=len(counts), num_parts=stages)
+    weights = [c.held for c in counts] if method == "parameters" else [int(c.name == "Block") for c in counts]
+    return ds_utils.partition_balanced(weights=weights, num_parts=stages)
+
+
+def memory_mib(params: int, cfg: Config, data_parallel: int) -> tuple[float, float, float]:
+    """(parameters, gradients, optimizer states) in MiB on one rank under the ZeRO stage:
+    stage 1 shards optimizer states over data ranks, stage 2 also gradients, stage 3 also
+    parameters. Adam keeps two fp32 moments, plus an fp32 master copy in bf16/fp16."""
+    zero, mixed = cfg.parallelism.zero_stage, cfg.training.precision != "fp32"
+    width = 2 if mixed else 4
+    shard = lambda stage: data_parallel if zero >= stage else 1  # noqa: E731
+    weights = params * width / shard(3)
+    grads = params * width / shard(2)
+    optimizer = params * (8 + (4 if mixed else 0)) / shard(1)
+    return weights / MIB, grads / MIB, optimizer / MIB
+
+
+def describe(counts: list[LayerCount], start: int, stop: int) -> str:
+    names = [c.name for c in counts[start:stop]]
+    blocks = names.count("Block")
+    parts = [n for n in dict.fromkeys(names) if n != "Block"]
+    if blocks:
+        parts.insert(1 if names[0] != "Block" else 0, f"Block x{blocks}")
+    return f"{start}-{stop - 1} ({', '.join(parts)})"
+
+
+def layout_report(cfg: Config, world_size: int, vocab_size: int) -> tuple[str, int]:
+    """The printed table and the total of unique parameters over all ranks of one replica."""
+    tp, pp = cfg.parallelism.tensor, cfg.parallelism.pipeline
+    dp = world_size // (tp * pp)
+    counts = layer_counts(cfg.model, vocab_size, tp)
+    bounds = stage_bounds(cfg, counts)
+    first_stage_of = {}
+    for stage in range(pp):
+        for c in counts[bounds[stage]:bounds[stage + 1]]:
+            if c.tie_key:
+                first_stage_of.setdefault(c.tie_key, stage)
+    lines = [f"world {world_size} = tensor {tp} x pipeline {pp} x data {dp}, ZeRO-{cfg.parallelism.zero_stage}, "
+             f"{cfg.training.precision}, vocab {vocab_size} (padded), partition by {cfg.parallelism.partition_method}",
+             f"{'rank':>5} {'tp':>3} {'pp':>3} {'dp':>3}  {'layers':<34} {'params':>12} {'unique':>12} "
+             f"{'param MiB':>10} {'grad MiB':>9} {'optim MiB':>10} {'total MiB':>10}"]
+    unique_total = 0
+    for rank in range(world_size):
+        tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
+        start, stop = bounds[pp_rank], bounds[pp_rank + 1]
+        layers, seen = [], set()
+        for c in counts[start:stop]:
+            if c.tie_key and c.tie_key in seen:
+                continue  # one module, used twice on this stage
+            seen.add(c.tie_key)
+            layers.append(c)
+        held = sum(c.held for c in layers)
+        # Unique: replicated tensors belong to tensor rank 0, a tied copy to its first stage.
+        unique = sum(c.sharded + (c.replicated if tp_rank == 0 else 0) for c in layers
+                     if not c.tie_key or first_stage_of[c.tie_key] == pp_rank)
+        if dp_rank == 0:
+            unique_total += unique
+        weights, grads, optimizer = memory_mib(held, cfg, dp)
+        lines.append(f"{rank:>5} {tp_rank:>3} {pp_rank:>3} {dp_rank:>3}  {describe(counts, start, stop):<34} "
+                     f"{held:>12,} {unique:>12,} {weights:>10.1f} {grads:>9.1f} {optimizer:>10.1f} "
+                     f"{weights + grads + optimizer:>10.1f}")
+    lines.append(f"unique parameters in one replica: {unique_total:,}")
+    return "\n".join(lines), unique_total
+
+
+def _layout(args: argparse.Namespace) -> int:
+    from megatron_gpt.config import ConfigError, load_config, padded_vocab_size
+
+    try:
+        cfg = load_config(args.configs, args.overrides, world_size=args.world_size)
+        vocab = args.vocab_size
+        if vocab is None:
+            from megatron_gpt.data.tokenizer import build_tokenizer
+
+            vocab = build_tokenizer(cfg.tokenizer).vocab_size
+        world = args.world_size or cfg.world_size
+        print(layout_report(cfg, world, padded_vocab_size(vocab, cfg))[0])
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("layout", help="print each rank's coordinates, layers, parameters and memory")
+    parser.add_argument("configs", nargs="+", help="YAML files, merged in order")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--world-size", type=int, default=None, help="ranks (default: launcher nodes x procs)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="tokenizer vocabulary (default: read from the config's tokenizer)")
+    parser.set_defaults(func=_layout)

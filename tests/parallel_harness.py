@@ -1,0 +1,102 @@
+"""Runs several parallel layouts, one after another, inside one torchrun job (sharing the process
+start-up), with the real Trainer. For each layout it writes the per-step losses (metrics.jsonl
+from the Trainer) and the step-0 gradients gathered to full tensors under layout-independent
+names, which tests/test_parallelism.py compares with a single-process run.
+
+    torchrun --nproc_per_node N tests/parallel_harness.py OUT FAMILY T,P,Z [T,P,Z ...]
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FAMILIES = {
+    # NeoX style with tied embeddings (exercises TiedLayerSpec across pipeline stages).
+    "neox": ["model.parallel_residual=true", "model.rotary_pct=0.5", "model.tie_embeddings=true"],
+    # Llama style with grouped-query attention and an untied output layer.
+    "llama": ["model.norm=rmsnorm", "model.activation=swiglu", "model.bias=false",
+              "model.num_attention_heads=8", "model.num_kv_heads=4", "model.tie_embeddings=false"],
+}
+
+
+def full_gradients(engine, model) -> dict[str, torch.Tensor]:
+    """This stage's gradients, averaged over data ranks (DeepSpeed's own reduction, any ZeRO
+    stage) and gathered over tensor ranks along each parameter's partition dimension."""
+    from deepspeed.utils import safe_get_full_grad
+    from megatron.core import parallel_state
+
+    from megatron_gpt.training.engine import canonical_names
+
+    names = canonical_names(model)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = safe_get_full_grad(param)  # collective under ZeRO-3: every rank calls it in order
+        if grad is None:
+            continue
+        grad = grad.detach().float().clone()
+        if tp > 1 and getattr(param, "tensor_model_parallel", False):
+            pieces = [torch.empty_like(grad) for _ in range(tp)]
+            dist.all_gather(pieces, grad.contiguous(), group=tp_group)
+            grad = torch.cat(pieces, dim=param.partition_dim)
+        grads[names[name]] = grad
+    return grads
+
+
+def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, world: int) -> None:
+    from megatron.core import parallel_state
+
+    from megatron_gpt.config import load_config
+    from megatron_gpt.training.loop import Trainer
+
+    layout_dir = out / f"{family}-tp{tensor}-pp{pipeline}-z{zero}"
+    overrides = FAMILIES[family] + [
+        f"parallelism.tensor={tensor}", f"parallelism.pipeline={pipeline}", f"parallelism.zero_stage={zero}",
+        f"launcher.nproc_per_node={world}", f"logging.run_dir={layout_dir}", f"data.cache_dir={out / 'cache'}",
+        "training.train_steps=8", "training.global_batch_size=8", "training.micro_batch_size=2",
+        "training.eval_iters=1", "checkpoint.save_dir=null",
+    ]
+    cfg = load_config([str(REPO / "tests" / "configs" / "tiny.yml")], overrides, world_size=world)
+    trainer = Trainer(cfg)
+    engine = trainer.engine
+    take_step = engine._take_model_step  # the one place both engines pass through before stepping
+
+    def capture_then_step(*args, **kwargs):
+        if engine.global_steps == 0:
+            grads = full_gradients(engine, trainer.model)
+            if trainer.topo.tensor_rank == 0 and trainer.topo.data_rank == 0:
+                torch.save(grads, layout_dir / f"grads-stage{trainer.topo.pipeline_rank}.pt")
+        return take_step(*args, **kwargs)
+
+    engine._take_model_step = capture_then_step
+    dist.barrier()
+    trainer.run()
+    del trainer, engine
+    gc.collect()
+    dist.barrier()
+    parallel_state.destroy_model_parallel()
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    out, family, layouts = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    from megatron_gpt.distributed import init_distributed
+
+    init_distributed(1, 1, "cpu")
+    for layout in layouts:
+        tensor, pipeline, zero = (int(x) for x in layout.split(","))
+        run_layout(out, family, tensor, pipeline, zero, dist.get_world_size())
+
+
+if __name__ == "__main__":
+    main()

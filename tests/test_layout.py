@@ -1,0 +1,62 @@
+"""`megatron-gpt layout`: counts match the real model, and bad layouts are clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from megatron_gpt.cli import main
+from megatron_gpt.config import load_config
+
+TINY = os.path.join(os.path.dirname(__file__), "configs", "tiny.yml")
+FAMILIES = {
+    "neox": ["model.parallel_residual=true", "model.rotary_pct=0.5", "model.tie_embeddings=true"],
+    "llama": ["model.norm=rmsnorm", "model.activation=swiglu", "model.bias=false", "model.num_kv_heads=2",
+              "model.tie_embeddings=false"],
+    "gpt2": ["model.position_embedding=learned"],
+}
+
+
+pytestmark = pytest.mark.usefixtures("single_process_group")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counts_sum_to_the_single_process_model(family):
+    from megatron_gpt.layout import layer_counts, layout_report
+    from megatron_gpt.model import GPT, parallel_config
+
+    cfg = load_config([TINY], FAMILIES[family] + ["parallelism.tensor=2", "parallelism.pipeline=2"], world_size=4)
+    model = GPT(cfg.model, 2048, parallel_config(), seed=1)
+    per_layer = [sum(p.numel() for p in m.parameters()) for m in model.layers]
+    counts = layer_counts(cfg.model, 2048, 1)
+    distinct = counts[:-1] if cfg.model.tie_embeddings else counts
+    assert [c.held for c in distinct] == per_layer
+    _, unique_total = layout_report(cfg, 4, 2048)
+    assert unique_total == sum(p.numel() for p in model.parameters())
+
+
+def test_layout_command_prints_every_rank(capsys):
+    assert main(["layout", TINY, "--world-size", "8", "--vocab-size", "2000",
+                 "--set", "parallelism.tensor=2", "--set", "parallelism.pipeline=2"]) == 0
+    out = capsys.readouterr().out
+    assert "world 8 = tensor 2 x pipeline 2 x data 2" in out and "vocab 2048 (padded)" in out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [tuple(map(int, r[1:4])) for r in rows] == [  # (tp, pp, dp): tensor fastest, then data
+        (0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallelism.tensor=3"], 3, "parallelism.tensor: 3 does not divide model.num_attention_heads=4"),
+    (["model.num_kv_heads=2", "parallelism.tensor=4"], 4, "does not divide model.num_kv_heads=2"),
+    (["parallelism.tensor=2"], 3, "world size 3"),
+    (["parallelism.pipeline=2", "parallelism.zero_stage=2"], 2, "parallelism.zero_stage"),
+])
+def test_bad_layouts_are_clear_errors(overrides, world, message, capsys):
+    args = ["layout", TINY, "--world-size", str(world), "--vocab-size", "2000"]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and ("tiny.yml" in err or "--set" in err), err
