@@ -73,3 +73,26 @@ def test_sampling_options():
                          VOCAB, 96)
     assert len(set(penalized)) >= len(set(generate(gpt, prompt, SamplingOptions(max_new_tokens=30, temperature=0),
                                                    VOCAB, 96)))
+
+
+@pytest.mark.slow
+def test_generate_command_on_a_tensor_parallel_checkpoint(train, tmp_path, capsys):
+    """`megatron-gpt generate` on a tp=2 checkpoint: prompt and prompt-file modes, and the KV
+    cache gives the same greedy text as recomputing the context."""
+    import json
+
+    from megatron_gpt.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    train("parallelism.tensor=2", f"checkpoint.save_dir={ckpt}", "training.train_steps=6", nproc=2)
+    greedy = ["generate", str(ckpt), "--temperature", "0", "--max-new-tokens", "20", "--no-stop-at-eod"]
+    assert main(greedy + ["--prompt", "ROMEO:"]) == 0
+    cached = capsys.readouterr().out
+    assert main(greedy + ["--prompt", "ROMEO:", "--no-cache"]) == 0
+    assert capsys.readouterr().out == cached and cached.startswith("ROMEO:") and len(cached) > len("ROMEO:\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "ROMEO:"}) + "\n" + json.dumps({"prompt": "JULIET:"}) + "\n")
+    assert main(greedy + ["--prompt-file", str(prompts), "--output", str(tmp_path / "out.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["ROMEO:", "JULIET:"]
+    assert rows[0]["prompt"] + rows[0]["completion"] + "\n" == cached
