@@ -41,6 +41,12 @@ def join_launch(configs: list[str], overrides: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")  # import-time notices about optional deps
+    # DeepSpeed's ZeRO still calls this deprecated torch collective: one warning per rank, no action.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than DeepSpeed warning per rank
     from megatron_gpt.config import ConfigError, load_config
     from megatron_gpt.training import preemption
 
