@@ -80,7 +80,8 @@ class MetricsLog:
         eta = (self.total_steps - last["step"]) * step_seconds
         mfu = f" | MFU {last['mfu']:.1%}" if "mfu" in last else ""
         split = " / ".join(f"{k[:-3]} {last[k]:.0f}" for k in last if k.endswith("_ms"))
-        self.print(f"step {last['step']:>6}/{self.total_steps} | loss {last['loss']:.4f} | lr {last['lr']:.3e} | "
+        self.print(f"step {last['step']:>6}/{self.total_steps} {progress_bar(last['step'], self.total_steps)} | "
+                   f"loss {last['loss']:.4f} | lr {last['lr']:.3e} | "
                    f"grad_norm {last['grad_norm']:.3f} | {last['tokens_per_sec']:,.0f} tokens/s | "
                    f"{last['samples_per_sec']:.1f} samples/s | {last['tflops_per_rank']:.3f} TFLOP/s/rank{mfu} | "
                    f"ms/step {split} | mem {last['memory_mib']:,.0f} MiB | "
@@ -102,6 +103,12 @@ class MetricsLog:
     def print(self, line: str) -> None:
         if self.path is not None:
             print(line, flush=True, file=sys.stdout)
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """A plain-text bar: one line per interval, no carriage returns, so SLURM logs stay readable."""
+    filled = round(width * done / max(total, 1))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {100 * done / max(total, 1):3.0f}%"
 
 
 def _as_float(value) -> float:
