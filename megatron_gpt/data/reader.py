@@ -131,18 +131,18 @@ class CorpusReader:
                     except UnicodeDecodeError as e:
                         raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte {e.start + 1} of the line, {e.reason}); "
                                         "fix: re-encode the file as UTF-8") from None
-                    if not line.strip():
-                        continue  # blank lines (a trailing newline is common)
                     try:
                         doc = json.loads(line)
                     except json.JSONDecodeError as e:
+                        if not line.strip():
+                            continue  # blank lines (a trailing newline is common)
                         raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                                         "fix: make every line one complete JSON object") from None
                     if not isinstance(doc, dict):
                         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(doc).__name__}; "
                                         f'fix: write each document as {{"{keys[0]}": "..."}}')
                     try:
-                        texts = tuple(doc[k] for k in keys)
+                        texts = (doc[keys[0]],) if len(keys) == 1 else tuple([doc[k] for k in keys])
                     except KeyError as e:
                         have = ", ".join(sorted(doc)[:8]) or "none"
                         raise DataError(f"{path}:{lineno}: missing key {e.args[0]!r} (keys: {have}); "
