@@ -169,6 +169,9 @@ class TrainingConfig(Section):
     """Prompt the end-of-training samples start from."""
     generate_tokens: int = Field(64, ge=1)
     """Tokens generated per end-of-training sample."""
+    auto_resume: bool = True
+    """Resume (checkpoint.resume) from the newest complete checkpoint in checkpoint.save_dir, one
+    that every rank finished writing (an interrupted save is skipped); false: the one `latest` names."""
 
 
 class CheckpointConfig(Section):
@@ -177,7 +180,19 @@ class CheckpointConfig(Section):
     save_interval: Optional[int] = Field(None, ge=1)
     """Save every this many steps (a final checkpoint is always written when save_dir is set)."""
     resume: bool = True
-    """Resume from the `latest` checkpoint in save_dir when one exists."""
+    """Resume when save_dir holds a complete checkpoint (which one: training.auto_resume); a
+    checkpoint saved under another tensor/pipeline/data layout or ZeRO stage is resharded."""
+    keep_last_n: Optional[int] = Field(None, ge=1)
+    """Keep only the newest this many complete checkpoints (and delete interrupted saves older
+    than the newest); null keeps all."""
+    layout_independent: bool = True
+    """Also write a layout-independent copy (full fp32 weights and AdamW states under canonical
+    names, in global_stepN/universal) so the run can resume in another layout and checkpoint.init_from
+    can read it."""
+    init_from: Optional[str] = None
+    """Start from these weights when there is nothing to resume: a layout-independent checkpoint
+    (the output of `megatron-gpt import-hf`, a save_dir or a global_step* folder); the optimizer and
+    LR schedule start fresh at step 0 (fine-tuning, or pretraining further with a new schedule)."""
 
 
 class LoggingConfig(Section):

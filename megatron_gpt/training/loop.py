@@ -62,6 +62,10 @@ class Trainer:
         prefixes = dataset_prefixes(cfg, topo, cache_dir)
         vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg)
         self.model = build_model(cfg, vocab_size, topo)
+        # What the run starts from (a checkpoint in this or another layout, checkpoint.init_from, or
+        # nothing); layout-independent weights go into each rank's slice before DeepSpeed wraps the model.
+        self.restore = checkpoint.plan_restore(cfg, topo)
+        self.restore.load_weights(self.model, cfg, topo)
         self.engine = build_engine(self.model.to(topo.device), cfg, topo)
         self.pipelined = topo.pipeline > 1
         self.group = topo.data_parallel_group
@@ -77,7 +81,7 @@ class Trainer:
         self.train_set = train_set
         self.valid_batches = eval_batches(valid_set, self.order, cfg.training.eval_iters, topo.device)
         self.byte_lengths = byte_lengths_table(tokenizer, vocab_size)
-        self.start_step = checkpoint.resume(self.engine, cfg)
+        self.start_step = self.restore.finish(self.engine, self.model, cfg, topo)
 
         self.run_dir = run_dir = prepare_run_dir(cfg, topo)
         tokens_per_step = layout.global_batch_size * cfg.model.seq_length
@@ -145,7 +149,8 @@ class Trainer:
         return result
 
     def save(self, step: int) -> str:
-        return checkpoint.save(self.engine, self.cfg, step, step * self.layout.global_batch_size)
+        return checkpoint.save(self.engine, self.cfg, step, step * self.layout.global_batch_size,
+                               model=self.model, topo=self.topo, tokenizer=self.tokenizer)
 
     def run(self) -> dict:
         """Train from the resumed step to train_steps; returns the final validation metrics."""
