@@ -32,7 +32,8 @@ setup(
         # only when used, with a message naming the package to install).
         "data": ["zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2"],
         "test": ["pytest>=8", "zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2",
-                 "wandb>=0.17", "tensorboard>=2.16", "lm-eval>=0.4.13,<0.5"],
+                 "wandb>=0.17", "tensorboard>=2.16", "lm-eval>=0.4.13,<0.5",
+                 "transformers>=4.45", "safetensors>=0.4"],  # tests/test_convert.py: exports loaded by transformers
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "logging": ["wandb>=0.17", "tensorboard>=2.16"],
         # lm-eval for `megatron-gpt eval`; accelerate only for lm-eval's own `--model hf` on HF exports.

@@ -21,6 +21,7 @@ def _train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from megatron_gpt import __version__, generate_command, layout
     from megatron_gpt.config import commands as config_commands
+    from megatron_gpt.convert import commands as convert_commands
     from megatron_gpt.data import commands as data_commands
     from megatron_gpt import evaluation
     from megatron_gpt.launch import slurm
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.register(sub)
     layout.register(sub)
     generate_command.register(sub)
+    convert_commands.register(sub)
     return parser
 
 
