@@ -18,6 +18,7 @@ import argparse
 import json
 import lzma
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -94,13 +95,17 @@ def gpt2_files(workdir: Path) -> tuple[str, str, str]:
     return vocab, merges, "the embedded BPE exported as GPT-2 files (../shared absent)"
 
 
-def timed(command: list[str]) -> tuple[float, str]:
+def timed(command: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds of the child, its stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         sys.exit(f"failed ({done.returncode}): {' '.join(command)}\n{done.stdout}{done.stderr}")
-    return seconds, done.stdout
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, cpu, done.stdout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,21 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "megatron_gpt", "preprocess", "--input", str(corpus),
                    "--output-prefix", str(work / "out"), "--tokenizer-type", "gpt2bpe", "--vocab-file", vocab,
                    "--merge-file", merges, "--workers", str(args.workers), "--quiet"]
+        load = os.getloadavg()[0]
         runs = [timed(command) for _ in range(args.runs)]
-        tokens = int(runs[0][1].split(" documents, ")[1].split(" tokens")[0].replace(",", ""))
-        base_seconds, base_out = timed([sys.executable, "-c", BASELINE, str(corpus), vocab, merges,
-                                        str(work / "baseline.bin")])
+        tokens = int(runs[0][2].split(" documents, ")[1].split(" tokens")[0].replace(",", ""))
+        base_seconds, base_cpu, base_out = timed([sys.executable, "-c", BASELINE, str(corpus), vocab, merges,
+                                                  str(work / "baseline.bin")])
         if int(base_out) != tokens or (work / "baseline.bin").read_bytes() != (work / "out.bin").read_bytes():
             sys.exit("the baseline and preprocess wrote different tokens")
-        seconds = [s for s, _ in runs]
+        seconds = [s for s, _, _ in runs]
         best, median = min(seconds), statistics.median(seconds)
         rate, baseline = tokens / median, tokens / base_seconds
         print(f"corpus: {mb:.1f} MB, {documents:,} documents of ~2 KB from {source_texts()[1]}; "
-              f"tokenizer: {tokenizer_source}; runs (s): {', '.join(f'{s:.2f}' for s in seconds)}")
+              f"tokenizer: {tokenizer_source}; load average before: {load:.2f}; runs: "
+              + ", ".join(f"{s:.2f} s ({c:.2f} CPU-s)" for s, c, _ in runs)
+              + f"; baseline {base_seconds:.2f} s ({base_cpu:.2f} CPU-s)")
         print(f"preprocess bench: {tokens:,} tokens, {args.workers} workers: {rate:,.0f} tokens/s end to end "
               f"(median of {len(seconds)}, start-up included; best {tokens / best:,.0f}, first {tokens / seconds[0]:,.0f}, "
-              f"{mb / median:.1f} MB/s) vs baseline naive one-document loop {baseline:,.0f} tokens/s "
-              f"({base_seconds:.2f} s): {rate / baseline:.2f}x the baseline")
+              f"{mb / median:.1f} MB/s) vs baseline naive one-document loop {baseline:,.0f} tokens/s: "
+              f"{rate / baseline:.2f}x the baseline")
     return 0
 
 
