@@ -35,14 +35,22 @@ def sh(*command: str, timeout: float = 60, check: bool = True, **kwargs) -> subp
     return done
 
 
+MPI_PACKAGES = {"mpirun": "openmpi-bin", "ompi_info": "openmpi-bin"}
+
+
+def _missing(binaries: dict[str, str]) -> set[str]:
+    return {pkg for binary, pkg in binaries.items()
+            if not (os.path.exists(binary) if binary.startswith("/") else shutil.which(binary))}
+
+
 def need_packages(binaries: dict[str, str]) -> None:
-    """Make sure each binary (path or name) exists, installing its Debian package (as root) if not."""
+    """Make sure each binary (path or name) exists, installing its Debian package (as root) if not.
+    The first install also brings every other launcher test's packages (one apt run, not three)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("needs root (starts daemons, network namespaces, installs Debian packages)")
-    missing = sorted({pkg for binary, pkg in binaries.items()
-                      if not (os.path.exists(binary) if binary.startswith("/") else shutil.which(binary))})
-    if not missing:
+    if not _missing(binaries):
         return
+    missing = sorted(_missing({**SlurmCluster.PACKAGES, **SshNodes.PACKAGES, **MPI_PACKAGES, **binaries}))
     if not shutil.which("apt-get"):
         unavailable(f"needs Debian packages {', '.join(missing)} and there is no apt-get")
     global _apt_updated

@@ -15,12 +15,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from cluster_setup import SlurmCluster, SshNodes, free_port, need_packages, unavailable, wait_for
+from cluster_setup import (MPI_PACKAGES, SlurmCluster, SshNodes, free_port, need_packages, unavailable,
+                           wait_for)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yml"
@@ -312,7 +312,7 @@ def ssh_nodes():
 
 @pytest.fixture(scope="module")
 def mpi():
-    need_packages({"mpirun": "openmpi-bin", "ompi_info": "openmpi-bin"})
+    need_packages(MPI_PACKAGES)
     try:
         import mpi4py  # noqa: F401
     except ImportError:
@@ -320,27 +320,57 @@ def mpi():
     return clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 
 
+def job_state(env: dict, job: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, env=env,
+                          timeout=30).stdout
+    return dict(word.split("=", 1) for word in text.split() if "=" in word)
+
+
 @pytest.mark.slow
-def test_slurm_sbatch_script_trains_two_ranks(slurm, tmp_path, data_cache):
-    env = clean_env(slurm.env)
+def test_slurm_sbatch_script_trains_two_ranks_and_requeues_after_preemption(slurm, tmp_path, data_cache):
+    """The generated script, submitted with sbatch: 2 srun tasks train; SIGUSR1 (what --signal sends
+    before the time limit) makes them checkpoint and exit 75, the script requeues the job, and the
+    requeued job resumes from the checkpoint and finishes."""
+    env, steps = clean_env(slurm.env), 30
     script, log = tmp_path / "job.sbatch", tmp_path / "job.out"
     cli("slurm", TINY, "--nodes", "1", "--gpus-per-node", "0", "--ntasks-per-node", "2", "--log", log,
-        *training(tmp_path, data_cache), "-o", script, env=env, cwd=tmp_path)
+        *training(tmp_path, data_cache, steps=steps), "-o", script, env=env, cwd=tmp_path)
+    assert "#SBATCH --signal=USR1@300" in script.read_text()
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=60, check=True).stdout.strip().split(";")[0]
+    output = lambda: log.read_text() if log.exists() else ""  # noqa: E731
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    polls = iter(range(10**9))
+
+    def running_or_failed(check) -> bool:
+        if next(polls) % 20 == 0 and job_state(env, job).get("JobState") in ended:
+            pytest.fail(f"job {job} ended early: {job_state(env, job)}\n{output()[-4000:]}\n{slurm.logs()}")
+        return check()
+
     try:
-        done = subprocess.run(["sbatch", "--parsable", "--wait", str(script)], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=360)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the SLURM job did not finish in 360s:\n{log.read_text()[-4000:] if log.exists() else ''}"
-                    f"\n{slurm.logs()}")
-    output = log.read_text() if log.exists() else ""
-    assert done.returncode == 0, f"sbatch: {done.stdout}{done.stderr}\n{output[-4000:]}\n{slurm.logs()}"
-    found = rank_lines(output)
-    assert sorted(found) == [0, 1] and {w for w, _ in found.values()} == {2}, output[-3000:]
-    assert output.count("started by slurm") == 2
-    assert "world 2 (tp 1 x pp 1 x dp 2)" in output
-    assert_trained_and_saved(output, tmp_path / "run", tmp_path / "ckpt")
-    printed = [float(x) for x in re.findall(r"step +\d+/10 \| loss ([\d.]+)", output)]
-    assert len(printed) == 10 and printed[-1] < printed[0]
+        wait_for(lambda: running_or_failed(lambda: len(metrics(tmp_path / "run")) >= 3), 300,
+                 "3 steps of the SLURM job", 0.05)
+        subprocess.run(["scancel", "--signal=USR1", job], env=env, timeout=30, check=True)
+        # the script requeues the job; a requeued job waits (BeginTime) before it may start: start it now
+        wait_for(lambda: running_or_failed(lambda: job_state(env, job).get("Restarts") == "1"
+                                           and job_state(env, job).get("JobState") == "PENDING"),
+                 180, "the job to be requeued", 0.25)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30, check=True)
+        final = wait_for(lambda: (state := job_state(env, job)).get("JobState") in ended and state, 300,
+                         "the requeued job to end", 0.5)
+    except TimeoutError as error:
+        pytest.fail(f"{error}; job {job}: {job_state(env, job)}\n{output()[-4000:]}\n{slurm.logs()}")
+    text = output()
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", f"{final}\n{text[-4000:]}"
+    stopped = int(re.search(r"preempted: saved checkpoint \S+ at step (\d+)", text).group(1))
+    assert "requeued job" in text and f"steps {stopped}->{steps}" in text, text[-4000:]
+    assert text.count("started by slurm") == 4  # 2 ranks, twice
+    found = rank_lines(text)
+    assert sorted(found) == [0, 1] and {w for w, _ in found.values()} == {2}, text[-3000:]
+    assert "world 2 (tp 1 x pp 1 x dp 2)" in text
+    assert_trained_and_saved(text, tmp_path / "run", tmp_path / "ckpt", steps=steps)
+    printed = [float(x) for x in re.findall(rf"step +\d+/{steps}\D.*?\| loss ([\d.]+)", text)]
+    assert len(printed) == steps and printed[-1] < printed[0]
 
 
 @pytest.mark.slow

@@ -45,6 +45,17 @@ class Watcher:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def ignore(self) -> None:
+        """Once stopping: ignore further signals. A launcher that sees one rank exit non-zero
+        (srun --kill-on-bad-exit, DeepSpeed's launch) SIGTERMs the others; Python resets its own
+        handlers to the default at interpreter exit (killing a rank that is exiting 75 anyway),
+        but keeps SIG_IGN."""
+        for sig in SIGNALS:
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                pass
+
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
@@ -94,6 +105,7 @@ def stop(trainer, step: int):
     else:
         trainer.say(f"preempted at step {step}: checkpoint.save_dir is not set, nothing saved; "
                     f"exiting with code {EXIT_CODE}")
+    watch().ignore()
     raise Preempted(step, path)
 
 
