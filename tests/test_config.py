@@ -395,3 +395,14 @@ def test_config_package_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[]"
+
+
+def test_config_show_never_echoes_a_secret_override(capsys, tmp_path):
+    from megatron_gpt.cli import main
+
+    base = tmp_path / "base.yml"
+    base.write_text("data: {embedded: shakespeare}\n")
+    assert main(["config", "show", str(base), "--set", "launcher.env.WANDB_API_KEY=hunter2",
+                 "--set", "launcher.env.NCCL_DEBUG=INFO"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "WANDB_API_KEY" in out and "NCCL_DEBUG=INFO" in out

@@ -12,7 +12,7 @@ import yaml
 from .deepspeed import deepspeed_config
 from .derive import batch_layout
 from .loader import DEFAULT, ConfigError, config_to_dict, load_config_with_origins
-from .schema import Config
+from .schema import MASK, SECRET_NAME, Config
 
 
 def register(subparsers: Any) -> None:
@@ -70,8 +70,14 @@ def _deepspeed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _masked(override: str) -> str:
+    """`--set launcher.env.WANDB_API_KEY=...` is echoed without its value."""
+    key, sep, _ = override.partition("=")
+    return f"{key}{sep}{MASK}" if sep and SECRET_NAME.search(key.rsplit(".", 1)[-1]) else override
+
+
 def _header(cfg: Config, files: Sequence[str], overrides: Sequence[str], world_size: int | None) -> str:
-    sources = [*files, *(f"--set {o}" for o in overrides)]
+    sources = [*files, *(f"--set {_masked(o)}" for o in overrides)]
     b = batch_layout(cfg, world_size)
     lines = [
         "resolved from: " + ", ".join(sources),
