@@ -21,7 +21,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.model.layers import Block, KVCache, make_norm, normal_init
+from megatron_gpt.model.layers import Block, ColumnLinear, KVCache, make_norm, normal_init
 
 
 def parallel_config(tensor: int = 1, pipeline: int = 1, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
@@ -53,7 +53,8 @@ class Embedding(nn.Module):
         return self.dropout(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        if self.word.tp_group.size() > 1:  # an identity at tp=1: skip its autograd Function
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
         return F.linear(hidden, self.word.weight)  # [b, s, vocab/tp]
 
 
@@ -71,7 +72,7 @@ class OutputLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig):
         super().__init__()
-        self.linear = tensor_parallel.ColumnParallelLinear(
+        self.linear = ColumnLinear(
             cfg.hidden_size, vocab_size, config=parallel, init_method=normal_init(cfg.init_std),
             bias=False, gather_output=False)
 

@@ -44,6 +44,52 @@ def ffn_size(cfg: ModelConfig) -> int:
     return 4 * cfg.hidden_size
 
 
+def _plain_at_tp1(layer: nn.Module, unsplit: bool) -> bool:
+    """Whether a megatron-core linear layer is an ordinary linear layer: its weight not split over
+    tensor ranks, no sequence parallelism, no fused or deferred weight-gradient tricks."""
+    config = layer.config
+    return (unsplit and not config.sequence_parallel
+            and not layer.gradient_accumulation_fusion and not config.defer_embedding_wgrad_compute
+            and not getattr(layer, "explicit_expert_comm", False))
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """megatron-core's ColumnParallelLinear; at tensor-parallel size 1 its forward is one F.linear.
+
+    megatron-core's path at tp=1 is the same product (matmul, then the bias added) through its
+    own autograd Function with identity communication Functions around it: that Python work per
+    call, a separate bias pass and a contiguous copy per weight gradient made a small model's
+    forward 7-20% slower on CPU than nn.Linear's. F.linear (addmm) is what nn.Linear runs; results
+    differ only in rounding (the bias is added inside the GEMM). Still a submodule call, so
+    ZeRO-3's parameter hooks fire as before; at tp>1 nothing changes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plain = _plain_at_tp1(self, self.output_size_per_partition == self.output_size)
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if self.plain and weight is None:
+            if self.skip_bias_add:
+                return F.linear(input_, self.weight), self.bias
+            return F.linear(input_, self.weight, self.bias), None
+        return super().forward(input_, weight, runtime_gather_output)
+
+
+class RowLinear(RowParallelLinear):
+    """megatron-core's RowParallelLinear; at tensor-parallel size 1 one F.linear (see ColumnLinear)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plain = _plain_at_tp1(self, self.input_size_per_partition == self.input_size)
+
+    def forward(self, input_):
+        if self.plain:
+            if self.skip_bias_add:
+                return F.linear(input_, self.weight), self.bias
+            return F.linear(input_, self.weight, self.bias), None
+        return super().forward(input_)
+
+
 def rotary_dims(cfg: ModelConfig) -> int:
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     return int(head_dim * cfg.rotary_pct)
@@ -114,11 +160,11 @@ class Attention(nn.Module):
         self.rotary_base = cfg.rotary_base
         self.dropout = cfg.dropout
         self.backend = cfg.attention_backend
-        self.qkv = ColumnParallelLinear(
+        self.qkv = ColumnLinear(
             cfg.hidden_size, (cfg.num_attention_heads + 2 * kv_heads) * self.head_dim,
             config=parallel, init_method=normal_init(cfg.init_std), bias=cfg.bias, gather_output=False,
         )
-        self.dense = RowParallelLinear(
+        self.dense = RowLinear(
             cfg.num_attention_heads * self.head_dim, cfg.hidden_size, config=parallel,
             init_method=output_init(cfg), bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
         )
@@ -169,9 +215,9 @@ class MLP(nn.Module):
         column = dict(config=parallel, init_method=normal_init(cfg.init_std), bias=cfg.bias, gather_output=False)
         self.gated = cfg.activation == "swiglu"
         # Gate and up are separate layers so a column split keeps matching slices of both.
-        self.gate = ColumnParallelLinear(cfg.hidden_size, inner, **column) if self.gated else None
-        self.up = ColumnParallelLinear(cfg.hidden_size, inner, **column)
-        self.down = RowParallelLinear(
+        self.gate = ColumnLinear(cfg.hidden_size, inner, **column) if self.gated else None
+        self.up = ColumnLinear(cfg.hidden_size, inner, **column)
+        self.down = RowLinear(
             inner, cfg.hidden_size, config=parallel, init_method=output_init(cfg), bias=cfg.bias,
             input_is_parallel=True, skip_bias_add=False,
         )
