@@ -87,6 +87,20 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_threads(threads: int | None = None) -> int:
+    """Intra-op threads for this rank on CPU: `threads`, else OMP_NUM_THREADS (our launchers set
+    it), else this node's cores shared out over its ranks (LOCAL_WORLD_SIZE, as torchrun, srun or
+    mpirun report it): torch's own default, every core for every rank, oversubscribes a node."""
+    if threads:
+        return threads
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    from megatron_gpt.launch.ranks import default_threads
+
+    return default_threads(os.environ, None)
+
+
 def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", threads: int | None = None) -> Topology:
     """Join the process group the launcher set up (env://) and build megatron-core's groups."""
     import deepspeed
@@ -94,7 +108,7 @@ def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", th
 
     device = pick_device(device_choice)
     if device.type == "cpu":
-        torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+        torch.set_num_threads(cpu_threads(threads))
     else:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
