@@ -201,11 +201,24 @@ def test_json_keys_each_dataset_from_its_own_text(tmp_path, tokenizers, texts):
     assert stats["note"].documents == 4 and stats["title"].documents == len(docs)
 
 
-def test_workers_give_identical_files(tmp_path, tokenizers, corpus):
+def test_workers_give_identical_files(tmp_path, tokenizers, corpus, texts):
+    """In-line (1), forked processes (3), and threads (3, when the caller runs a Python thread)."""
+    import threading
+
+    many = write_jsonl(tmp_path / "many.jsonl", [{"text": t} for t in texts * 120])  # several batches
     for workers in (1, 3):
-        preprocess([str(corpus)], str(tmp_path / f"w{workers}"), tokenizers["gpt2bpe"], workers=workers, progress=False)
-    for ext in (".bin", ".idx"):
-        assert (tmp_path / f"w1{ext}").read_bytes() == (tmp_path / f"w3{ext}").read_bytes()
+        preprocess([str(many)], str(tmp_path / f"w{workers}"), tokenizers["gpt2bpe"], workers=workers, progress=False)
+    done = threading.Event()
+    busy = threading.Thread(target=done.wait)
+    busy.start()
+    try:
+        preprocess([str(many)], str(tmp_path / "threads"), tokenizers["gpt2bpe"], workers=3, progress=False)
+    finally:
+        done.set()
+        busy.join()
+    for name in ("w3", "threads"):
+        for ext in (".bin", ".idx"):
+            assert (tmp_path / f"w1{ext}").read_bytes() == (tmp_path / f"{name}{ext}").read_bytes(), name
 
 
 # --- bad input: one clear DataError naming file and line --------------------------------------------

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge-file", help="GPT-2 vocab.bpe (merges)")
     p.add_argument("--tiktoken-cache-dir", help="tiktoken cache directory (default: $TIKTOKEN_CACHE_DIR)")
     p.add_argument("--append-eod", action="store_true", help="append <|endoftext|> after every document")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer threads")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--dataset-impl", choices=["mmap"], default="mmap", help="accepted for GPT-NeoX scripts; always mmap")
     p.add_argument("--log-interval", type=int, help="accepted for GPT-NeoX scripts; a progress line is shown instead")

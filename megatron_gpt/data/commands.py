@@ -140,7 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                    help="append the end-of-document token after every document (default: on)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer threads sharing one tokenizer (default: all cores)")
+                   help="tokenizer processes, forked after the tokenizer loads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_tokenizer_args(p)
     p.set_defaults(func=run_preprocess)

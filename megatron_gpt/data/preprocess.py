@@ -1,23 +1,30 @@
 """Tokenize corpora into megatron-core indexed datasets (PREFIX.bin + PREFIX.idx), fast.
 
 One pass over the inputs writes one dataset per key, each from that key's own text. The main
-thread reads and parses; `workers` threads tokenize batches with one shared tokenizer. Threads,
-not processes: every tokenizer here runs in native code that releases the GIL (tiktoken, HF
-tokenizers, SentencePiece), so threads scale like processes without a pool's start-up, pickling
-and copies of the tokenizer. No torch or megatron-core import (seconds) either: indexed.py writes
-the format with numpy. Outputs appear only when complete (see indexed.py).
+process reads, parses and writes; tokenizing runs in-line for workers=1, else in `workers`
+processes forked after the tokenizer is built. Forked, not spawned: no interpreter start-up,
+imports or tokenizer rebuild per worker (a spawn pool cost ~1 s here), and the tokenizer needs
+not be picklable. Processes, not threads, although every tokenizer here releases the GIL while
+encoding: the GIL-bound rest (building id lists, converting them) makes threads collapse when the
+machine's cores are shared (measured: 2 threads took 2-8x the single-thread time under load).
+A caller that runs Python threads gets a thread pool instead, since fork would copy their locks
+half-held. No torch or megatron-core import either: indexed.py writes the format with numpy.
+Outputs appear only when complete (see indexed.py).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Optional
 
 import numpy as np
@@ -93,6 +100,52 @@ def _encode_columns(tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int], c
     return [_encode(tokenizer, dtype, eod, texts) for texts in columns]
 
 
+# The forked workers' encoding arguments: set in the parent just before the fork, inherited by
+# the children (never pickled, so any tokenizer works).
+_FORKED: Optional[tuple[Tokenizer, np.dtype, Optional[int]]] = None
+
+
+def _quiet_child() -> None:
+    # Processes give the parallelism; HF tokenizers' own thread pool would only oversubscribe
+    # (and it warns when it finds itself forked).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _forget_forked() -> None:
+    global _FORKED
+    _FORKED = None
+
+
+def _encode_forked(columns: list[list[str]]) -> list[Encoded]:
+    assert _FORKED is not None
+    return _encode_columns(*_FORKED, columns)
+
+
+class _InLine(Executor):
+    """workers=1: encode in the calling thread, no pool at all."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]  # Executor's signature
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            future.set_exception(e)
+        return future
+
+
+def _executor(workers: int, tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int]
+              ) -> tuple[Executor, Callable[[list[list[str]]], list[Encoded]]]:
+    """(executor, function of the columns of one batch) for `workers`."""
+    global _FORKED
+    encode = partial(_encode_columns, tokenizer, dtype, eod)
+    if workers == 1:
+        return _InLine(), encode
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        _FORKED = (tokenizer, dtype, eod)  # the pool forks all its workers at the first submit
+        return ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _quiet_child), _encode_forked
+    return ThreadPoolExecutor(workers, thread_name_prefix="tokenize"), encode
+
+
 def _meta(tokenizer: Tokenizer, key: str, append_eod: bool, dtype: np.dtype, inputs: list[str],
           stats: PreprocessStats) -> dict[str, Any]:
     tok = tokenizer.config.model_dump(exclude_none=True)
@@ -113,7 +166,7 @@ def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: To
     Inputs are files or glob patterns (reader.SUFFIXES). The output is identical for any `workers`.
     """
     if workers < 1:
-        raise DataError(f"workers is {workers}; fix: use 1 or more tokenizer threads")
+        raise DataError(f"workers is {workers}; fix: use 1 or more tokenizer processes")
     keys = list(outputs)
     reader = CorpusReader(inputs, keys)  # checks the inputs exist before any work
     for prefix in outputs.values():
@@ -126,7 +179,8 @@ def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: To
     documents, skipped, nbytes = [0] * len(keys), [0] * len(keys), [0] * len(keys)
     label = os.path.basename(next(iter(outputs.values())))
     bar = Progress(label, reader.total_bytes) if progress else None
-    with ExitStack() as stack, ThreadPoolExecutor(workers, thread_name_prefix="tokenize") as pool:
+    pool, encode = _executor(workers, tokenizer, dtype, eod)
+    with ExitStack() as stack, pool:
         writers = [stack.enter_context(IndexedWriter(outputs[k], dtype)) for k in keys]
         pending: deque[Future[list[Encoded]]] = deque()
 
@@ -145,7 +199,7 @@ def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: To
                     texts = [record[i] for record in batch if record[i]]
                     skipped[i] += len(batch) - len(texts)
                     columns.append(texts)
-                pending.append(pool.submit(_encode_columns, tokenizer, dtype, eod, columns))
+                pending.append(pool.submit(encode, columns))
                 while len(pending) > 2 * workers:  # bounded memory, workers always busy
                     write_oldest()
             while pending:
@@ -154,6 +208,8 @@ def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: To
             for future in pending:
                 future.cancel()
             raise
+        finally:
+            _forget_forked()
         seconds = time.perf_counter() - start
         stats = {key: PreprocessStats(documents[i], writers[i].tokens, nbytes[i], skipped[i], seconds)
                  for i, key in enumerate(keys)}
