@@ -352,9 +352,10 @@ def test_slurm_sbatch_script_trains_two_ranks_and_requeues_after_preemption(slur
                  "3 steps of the SLURM job", 0.05)
         subprocess.run(["scancel", "--signal=USR1", job], env=env, timeout=30, check=True)
         # the script requeues the job; a requeued job waits (BeginTime) before it may start: start it now
-        wait_for(lambda: running_or_failed(lambda: job_state(env, job).get("Restarts") == "1"
-                                           and job_state(env, job).get("JobState") == "PENDING"),
-                 180, "the job to be requeued", 0.25)
+        # No early exit here: between the preempted run's end and slurmctld's requeue the job reads
+        # FAILED for a moment (seen under heavy load); a requeue that never comes still times out.
+        wait_for(lambda: (state := job_state(env, job)).get("Restarts") == "1"
+                 and state.get("JobState") == "PENDING", 180, "the job to be requeued", 0.25)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30, check=True)
         final = wait_for(lambda: (state := job_state(env, job)).get("JobState") in ended and state, 300,
                          "the requeued job to end", 0.5)
