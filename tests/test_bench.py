@@ -1,0 +1,60 @@
+"""Smoke tests of bench/: each benchmark runs a couple of steps from the checkout and prints its one
+summary line on stdout (the numbers themselves are measured by running the scripts in full)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{script} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-6000:]}"
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, f"{script} should print one summary line on stdout, got:\n{done.stdout}"
+    return lines[0]
+
+
+def test_train_throughput(data_cache):
+    line = bench("train_throughput.py", "--sizes", "small", "--families", "gpt2,llama", "--windows", "2",
+                 "--max-windows", "2", "--steps", "2", "--warmup", "1", "--cache-dir", str(data_cache))
+    assert line.startswith("train_throughput: full stack / plain PyTorch:"), line
+    ratios = [float(x) for x in re.findall(r"small-(?:gpt2|llama) ([0-9.]+) \(", line)]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios), line
+
+
+def test_scaling(data_cache):
+    line = bench("scaling.py", "--sizes", "small", "--layouts", "dp1,dp2,pp2", "--rounds", "1", "--max-rounds", "1",
+                 "--steps", "1", "--warmup", "1", "--cache-dir", str(data_cache))
+    assert line.startswith("scaling:"), line
+    for layout in ("dp2", "pp2"):
+        assert re.search(rf"{layout} x[0-9.]+", line), (layout, line)
+
+
+def test_mfu(data_cache):
+    line = bench("mfu.py", "--sizes", "small", "--windows", "1", "--max-windows", "1", "--steps", "1", "--warmup", "1",
+                 "--matmul-size", "256", "--cache-dir", str(data_cache))
+    assert re.match(r"mfu \(CPU, fp32\): small [0-9.]+%( \(BUSY\))? \([0-9.,]+ of [0-9.,]+ GFLOP/s matmul", line), line
+
+
+def test_gpu_script_is_valid_and_says_when_there_is_no_gpu():
+    script = REPO / "bench" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run bench/gpu.sh itself")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2 and "no CUDA-enabled torch or sees no GPU" in done.stderr, done.stderr
