@@ -326,6 +326,13 @@ def job_state(env: dict, job: str) -> dict[str, str]:
     return dict(word.split("=", 1) for word in text.split() if "=" in word)
 
 
+def node_state(env: dict) -> str:
+    """The one SLURM node's state (IDLE, ALLOCATED, COMPLETING, ...) without its flag suffix."""
+    text = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env,
+                          timeout=30).stdout.strip()
+    return text.rstrip("*~#!%$@^-").upper()
+
+
 @pytest.mark.slow
 def test_slurm_sbatch_script_trains_two_ranks_and_requeues_after_preemption(slurm, tmp_path, data_cache):
     """The generated script, submitted with sbatch: 2 srun tasks train; SIGUSR1 (what --signal sends
@@ -356,13 +363,16 @@ def test_slurm_sbatch_script_trains_two_ranks_and_requeues_after_preemption(slur
         # FAILED for a moment (seen under heavy load); a requeue that never comes still times out.
         wait_for(lambda: (state := job_state(env, job)).get("Restarts") == "1"
                  and state.get("JobState") == "PENDING", 180, "the job to be requeued", 0.25)
+        # and for the node to finish cleaning up the preempted run (a launch onto a node that is
+        # still COMPLETING that job can fail at once)
+        wait_for(lambda: node_state(env) in ("IDLE", "MIXED"), 180, "the node to be idle again", 0.25)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30, check=True)
         final = wait_for(lambda: (state := job_state(env, job)).get("JobState") in ended and state, 300,
                          "the requeued job to end", 0.5)
     except TimeoutError as error:
         pytest.fail(f"{error}; job {job}: {job_state(env, job)}\n{output()[-4000:]}\n{slurm.logs()}")
     text = output()
-    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", f"{final}\n{text[-4000:]}"
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", f"{final}\n{text[-4000:]}\n{slurm.logs()}"
     stopped = int(re.search(r"preempted: saved checkpoint \S+ at step (\d+)", text).group(1))
     assert "requeued job" in text and f"steps {stopped}->{steps}" in text, text[-4000:]
     assert text.count("started by slurm") == 4  # 2 ranks, twice
