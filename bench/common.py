@@ -130,7 +130,7 @@ class FullStack:
             step = self.step_index
             lr = trainer.engine.get_lr()[0]
             loss, timings = trainer.train_step(step)
-            metrics.record(step, loss, lr, trainer.engine.get_global_grad_norm(), timings)
+            metrics.record(step, loss, lr, trainer.grad_norm(), timings)
             done = step + 1
             if done % self.log_interval == 0:
                 metrics.flush()

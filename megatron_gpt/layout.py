@@ -11,6 +11,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from megatron_gpt.config.derive import engine_zero_stage
 from megatron_gpt.config.schema import Config, ModelConfig
 
 MIB = 2**20
@@ -96,7 +97,10 @@ def layout_report(cfg: Config, world_size: int, vocab_size: int) -> tuple[str, i
         for c in counts[bounds[stage]:bounds[stage + 1]]:
             if c.tie_key:
                 first_stage_of.setdefault(c.tie_key, stage)
-    lines = [f"world {world_size} = tensor {tp} x pipeline {pp} x data {dp}, ZeRO-{cfg.parallelism.zero_stage}, "
+    zero = f"ZeRO-{cfg.parallelism.zero_stage}"
+    if engine_zero_stage(cfg, dp) != cfg.parallelism.zero_stage:
+        zero += " (runs as ZeRO-0: one data-parallel rank, nothing to shard)"
+    lines = [f"world {world_size} = tensor {tp} x pipeline {pp} x data {dp}, {zero}, "
              f"{cfg.training.precision}, vocab {vocab_size} (padded), partition by {cfg.parallelism.partition_method}",
              f"{'rank':>5} {'tp':>3} {'pp':>3} {'dp':>3}  {'layers':<34} {'params':>12} {'unique':>12} "
              f"{'param MiB':>10} {'grad MiB':>9} {'optim MiB':>10} {'total MiB':>10}"]

@@ -57,6 +57,7 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
     from megatron.core import parallel_state
 
     from megatron_gpt.config import load_config
+    from megatron_gpt.training import loop
     from megatron_gpt.training.loop import Trainer
 
     layout_dir = out / f"{family}-tp{tensor}-pp{pipeline}-z{zero}"
@@ -70,18 +71,32 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
     trainer = Trainer(cfg)
     engine = trainer.engine
     take_step = engine._take_model_step  # the one place both engines pass through before stepping
+    clip = loop.clip_gradients  # where the trainer clips itself (fp32 without ZeRO), before that
+    captured = []
 
-    def capture_then_step(*args, **kwargs):
-        if engine.global_steps == 0:
+    def capture() -> None:
+        if engine.global_steps == 0 and not captured:  # the first step's gradients, before clipping
             grads = full_gradients(engine, trainer.model)
             if trainer.topo.tensor_rank == 0 and trainer.topo.data_rank == 0:
                 torch.save(grads, layout_dir / f"grads-stage{trainer.topo.pipeline_rank}.pt")
+            captured.append(True)
+
+    def capture_then_step(*args, **kwargs):
+        capture()
         return take_step(*args, **kwargs)
 
+    def capture_then_clip(*args, **kwargs):
+        capture()
+        return clip(*args, **kwargs)
+
     engine._take_model_step = capture_then_step
+    loop.clip_gradients = capture_then_clip
     dist.barrier()
-    trainer.run()
-    del trainer, engine
+    try:
+        trainer.run()
+    finally:
+        loop.clip_gradients = clip
+    trainer = engine = take_step = None  # closures hold these cells: free the model before the next layout
     gc.collect()
     dist.barrier()
     parallel_state.destroy_model_parallel()

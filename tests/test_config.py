@@ -321,14 +321,33 @@ def test_deepspeed_world_size_from_launcher(base):
 
 def test_deepspeed_blocks(base):
     cfg = load_config([base], ["training.precision=fp16", "parallelism.zero_stage=2", "optimizer.lr=0.001",
-                               "optimizer.beta2=0.99", "training.gradient_clipping=0.5"])
-    ds = deepspeed_config(cfg)
+                               "optimizer.beta2=0.99", "training.gradient_clipping=0.5"], world_size=2)
+    ds = deepspeed_config(cfg, world_size=2)
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 0.001, "betas": [0.9, 0.99], "eps": 1e-8,
-                                                           "weight_decay": 0.1, "torch_adam": True}}
+                                                           "weight_decay": 0.1, "torch_adam": True, "foreach": True}}
     assert ds["gradient_clipping"] == 0.5 and "scheduler" not in ds
     json.dumps(ds)  # JSON-ready
+
+
+@pytest.mark.parametrize("stage, world, tensor, pipeline, precision, engine_stage, deepspeed_clips", [
+    (1, 1, 1, 1, "fp32", 0, False),  # one data rank: nothing to shard; the trainer clips (keeps the norm)
+    (2, 2, 2, 1, "fp32", 0, False),  # tp 2 x dp 1
+    (1, 1, 1, 1, "bf16", 0, True),   # DeepSpeed's bf16 optimizer clips and keeps the norm
+    (3, 1, 1, 1, "fp32", 3, True),   # ZeRO-3 is kept as asked
+    (1, 2, 1, 1, "fp32", 1, True),   # two data ranks: ZeRO-1 shards
+    (0, 2, 1, 1, "fp32", 0, False),
+    (1, 2, 1, 2, "fp32", 1, True),   # pipeline stages keep ZeRO-1 (its optimizer reports the norm)
+])
+def test_engine_zero_stage_and_who_clips(base, stage, world, tensor, pipeline, precision, engine_stage,
+                                         deepspeed_clips):
+    cfg = load_config([base], [f"parallelism.zero_stage={stage}", f"parallelism.tensor={tensor}",
+                               f"parallelism.pipeline={pipeline}", f"training.precision={precision}",
+                               "training.gradient_clipping=0.5"], world_size=world)
+    ds = deepspeed_config(cfg, world_size=world)
+    assert ds["zero_optimization"]["stage"] == engine_stage
+    assert ds["gradient_clipping"] == (0.5 if deepspeed_clips else 0.0)
 
 
 def test_batch_layout_rejects_a_world_size_that_does_not_fit(base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .derive import batch_layout
+from .derive import batch_layout, engine_zero_stage, trainer_clips_gradients
 from .schema import Config
 
 _BUCKET = 500_000_000  # elements; Megatron/NeoX's defaults, big enough to keep comm calls few
@@ -18,9 +18,10 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
-        "gradient_clipping": t.gradient_clipping,
+        # 0 where the trainer clips (and records the norm) itself: see trainer_clips_gradients
+        "gradient_clipping": 0.0 if trainer_clips_gradients(cfg, layout.data_parallel) else t.gradient_clipping,
         "zero_optimization": {
-            "stage": cfg.parallelism.zero_stage,
+            "stage": engine_zero_stage(cfg, layout.data_parallel),
             "reduce_bucket_size": _BUCKET,
             "allgather_bucket_size": _BUCKET,
             "contiguous_gradients": True,
@@ -38,6 +39,9 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
                 "weight_decay": o.weight_decay,
                 # torch.optim.AdamW: avoids DeepSpeed's ~65 s FusedAdam JIT build (and works on CPU).
                 "torch_adam": True,
+                # one multi-tensor update per parameter group instead of a Python loop over
+                # parameters (torch's default off CUDA): 2-5% of a small model's CPU step
+                "foreach": True,
             },
         },
         "steps_per_print": 2**31 - 1,  # the trainer prints its own metrics

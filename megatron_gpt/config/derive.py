@@ -1,4 +1,5 @@
-"""Quantities derived from a Config: the batch layout over ranks and the padded vocabulary."""
+"""Quantities derived from a Config: the batch layout over ranks, the ZeRO stage DeepSpeed runs,
+and the padded vocabulary."""
 
 from __future__ import annotations
 
@@ -36,6 +37,23 @@ def batch_layout(cfg: Config, world_size: int | None = None) -> BatchLayout:
     return BatchLayout(world_size=world, tensor=tp, pipeline=pp, data_parallel=dp,
                        micro_batch_size=t.micro_batch_size, gradient_accumulation_steps=ga,
                        global_batch_size=t.micro_batch_size * ga * dp)
+
+
+def engine_zero_stage(cfg: Config, data_parallel: int) -> int:
+    """The ZeRO stage DeepSpeed runs. Stages 1 and 2 shard optimizer states (and gradients) over
+    data-parallel ranks; over one rank they shard nothing, yet DeepSpeed's ZeRO path still copies
+    every gradient into its buckets and the weights back each step (about 10% of a small model's
+    CPU step), so there the engine runs without ZeRO: same AdamW, same clipping, same numbers.
+    Pipeline stages keep ZeRO-1, whose optimizer reports the gradient norm."""
+    stage = cfg.parallelism.zero_stage
+    return 0 if stage in (1, 2) and data_parallel == 1 and cfg.parallelism.pipeline == 1 else stage
+
+
+def trainer_clips_gradients(cfg: Config, data_parallel: int) -> bool:
+    """Whether the trainer clips gradients itself instead of DeepSpeed: fp32 without ZeRO and
+    without pipeline stages, where DeepSpeed clips but keeps no gradient norm to report."""
+    return (engine_zero_stage(cfg, data_parallel) == 0 and cfg.training.precision == "fp32"
+            and cfg.parallelism.pipeline == 1 and cfg.training.gradient_clipping > 0)
 
 
 def padded_vocab_size(vocab_size: int, cfg: Config) -> int:

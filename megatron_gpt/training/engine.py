@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_gpt.config import deepspeed_config
+from megatron_gpt.config import deepspeed_config, engine_zero_stage
 from megatron_gpt.config.schema import Config
 from megatron_gpt.distributed import DeepSpeedMPU, Topology
 from megatron_gpt.model import GPT, layer_specs, masked_mean, parallel_config, token_losses
@@ -117,4 +117,21 @@ def build_engine(model: nn.Module, cfg: Config, topo: Topology):
         mpu=None if topo.pipeline > 1 else DeepSpeedMPU(),  # a PipelineModule brings its own grid
         dist_init_required=False,
     )
+    if topo.data == 1 and topo.pipeline == 1 and engine_zero_stage(cfg, topo.data) == 0:
+        # one data-parallel rank: DeepSpeed would still flatten, all-reduce over itself and copy
+        # back every gradient after each backward
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def clip_gradients(model: nn.Module, max_norm: float, topo: Topology) -> torch.Tensor:
+    """Clip gradients to `max_norm` by their global L2 norm and return that norm (before
+    clipping), as DeepSpeed's fp32 path does without keeping the norm. At tensor-parallel size 1
+    torch's foreach kernels; otherwise DeepSpeed's, which counts tensor-parallel duplicates
+    (norms, biases of row-parallel layers) once and sums over the model-parallel group."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if topo.tensor == 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    return clip_grad_norm_(params, max_norm, mpu=DeepSpeedMPU())

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_gpt.config import batch_layout, config_to_dict, padded_vocab_size
+from megatron_gpt.config import batch_layout, config_to_dict, padded_vocab_size, trainer_clips_gradients
 from megatron_gpt.config.schema import Config
 from megatron_gpt.data.datasets import SampleOrder, build_datasets, byte_lengths_table, collate
 from megatron_gpt.data.embedded import default_cache_dir, prepare_embedded
@@ -18,7 +18,7 @@ from megatron_gpt.generation import sample
 from megatron_gpt.model import masked_mean, token_losses
 from megatron_gpt.training import checkpoint, preemption
 from megatron_gpt.training.backends import Backends
-from megatron_gpt.training.engine import build_engine, build_model
+from megatron_gpt.training.engine import build_engine, build_model, clip_gradients
 from megatron_gpt.training.evaluate import eval_batches, evaluate, module_summed_nats
 from megatron_gpt.training.flops import peak_flops, training_flops_per_token
 from megatron_gpt.training.metrics import MetricsLog, Throughput
@@ -68,6 +68,8 @@ class Trainer:
         self.restore.load_weights(self.model, cfg, topo)
         self.engine = build_engine(self.model.to(topo.device), cfg, topo)
         self.pipelined = topo.pipeline > 1
+        self.clips = trainer_clips_gradients(cfg, topo.data)
+        self.last_grad_norm: torch.Tensor | None = None
         self.group = topo.data_parallel_group
 
         self.order = SampleOrder(layout.micro_batch_size, layout.gradient_accumulation_steps, topo.data, topo.data_rank)
@@ -121,12 +123,18 @@ class Trainer:
             loss = masked_mean(token_losses(logits, batch["labels"], self.topo.tensor), batch["loss_mask"])
             self.engine.backward(loss)
             middle = clock()
+            if self.clips and self.engine.is_gradient_accumulation_boundary():
+                self.last_grad_norm = clip_gradients(self.model, self.cfg.training.gradient_clipping, self.topo)
             self.engine.step()
             forward_backward += middle - begin
             optimizer += clock() - middle
             step_loss += loss.detach()
         return step_loss / len(batches), {"data": loaded - started, "forward_backward": forward_backward,
                                           "optimizer": optimizer}
+
+    def grad_norm(self):
+        """The last step's global gradient norm (before clipping), or None where nothing keeps it."""
+        return self.last_grad_norm if self.clips else self.engine.get_global_grad_norm()
 
     def summed_nats(self, batches: list[dict]) -> torch.Tensor:
         if not self.pipelined:
@@ -163,7 +171,7 @@ class Trainer:
             lr = self.engine.get_lr()[0]
             with profiler.step(step):
                 loss, timings = self.train_step(step)
-            self.metrics.record(step, loss, lr, self.engine.get_global_grad_norm(), timings)
+            self.metrics.record(step, loss, lr, self.grad_norm(), timings)
             done = step + 1
             if done % cfg.logging.log_interval == 0 or done == steps:
                 self.metrics.flush()

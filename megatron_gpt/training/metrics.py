@@ -79,10 +79,11 @@ class MetricsLog:
         last = records[-1]
         eta = (self.total_steps - last["step"]) * step_seconds
         mfu = f" | MFU {last['mfu']:.1%}" if "mfu" in last else ""
+        norm = "-" if last["grad_norm"] is None else f"{last['grad_norm']:.3f}"
         split = " / ".join(f"{k[:-3]} {last[k]:.0f}" for k in last if k.endswith("_ms"))
         self.print(f"step {last['step']:>6}/{self.total_steps} {progress_bar(last['step'], self.total_steps)} | "
                    f"loss {last['loss']:.4f} | lr {last['lr']:.3e} | "
-                   f"grad_norm {last['grad_norm']:.3f} | {last['tokens_per_sec']:,.0f} tokens/s | "
+                   f"grad_norm {norm} | {last['tokens_per_sec']:,.0f} tokens/s | "
                    f"{last['samples_per_sec']:.1f} samples/s | {last['tflops_per_rank']:.3f} TFLOP/s/rank{mfu} | "
                    f"ms/step {split} | mem {last['memory_mib']:,.0f} MiB | "
                    f"elapsed {now - self.start:.1f}s | ETA {eta:.0f}s")
@@ -111,7 +112,7 @@ def progress_bar(done: int, total: int, width: int = 20) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {100 * done / max(total, 1):3.0f}%"
 
 
-def _as_float(value) -> float:
-    if value is None:
-        return float("nan")
+def _as_float(value) -> float | None:
+    if value is None:  # e.g. pipeline stages in fp32 without ZeRO: DeepSpeed keeps no norm
+        return None
     return float(value.item() if isinstance(value, torch.Tensor) else value)
