@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -81,6 +82,8 @@ class Trainer:
             valid_samples=cfg.training.eval_iters * layout.global_batch_size,
             cache_dir=cache_dir)
         self.train_set = train_set
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="next-batch")
+        self.ahead: tuple[int, Future] | None = None
         self.valid_batches = eval_batches(valid_set, self.order, cfg.training.eval_iters, topo.device)
         self.byte_lengths = byte_lengths_table(tokenizer, vocab_size)
         self.start_step = self.restore.finish(self.engine, self.model, cfg, topo)
@@ -105,12 +108,22 @@ class Trainer:
         return [collate(self.train_set, self.order.micro_batch_indices(step, micro), self.topo.device)
                 for micro in range(self.layout.gradient_accumulation_steps)]
 
+    def next_batches(self, step: int) -> list[dict]:
+        """micro_batches(step), read by a background thread while the previous step computed:
+        data loading off the critical path (about 2% of a small model's CPU step). Batches are a
+        pure function of the step, so a step other than the one read ahead is simply read here."""
+        ahead, self.ahead = self.ahead, None
+        batches = ahead[1].result() if ahead is not None and ahead[0] == step else self.micro_batches(step)
+        if step + 1 < self.cfg.training.train_steps:
+            self.ahead = (step + 1, self.reader.submit(self.micro_batches, step + 1))
+        return batches
+
     def train_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimizer step: the step's loss (mean over its micro-batches) and the wall time of
         its phases in seconds (host time: on a GPU, kernels still queued are not in it)."""
         clock = time.perf_counter
         started = clock()
-        batches = self.micro_batches(step)
+        batches = self.next_batches(step)
         loaded = clock()
         if self.pipelined:
             loss = self.engine.train_batch(iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches]))
@@ -197,6 +210,7 @@ class Trainer:
 
     def finish(self) -> None:
         """Rank 0: the loss-curve PNG and closing the logging backends."""
+        self.reader.shutdown(cancel_futures=True)
         if self.run_dir is None:
             return
         if self.cfg.logging.plot and (self.run_dir / "metrics.jsonl").exists():
