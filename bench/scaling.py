@@ -1,11 +1,11 @@
-"""Parallel efficiency on this machine: tokens/s of dp=2, tp=2 and pp=2 (two ranks, threads per
-rank chosen by the launcher's rule: cores / ranks) against dp=1 (one rank, one thread) at the
-same global batch; dp=1 with every core (`dp1-allcores`) is printed beside it for reference.
+"""Parallel efficiency on this machine: tokens/s of dp=2 (plain, and with ZeRO-1), tp=2 and pp=2
+(two ranks, threads per rank chosen by the launcher's rule: cores / ranks) against dp=1 (one rank,
+one thread) at the same global batch; dp=1 with every core (`dp1-allcores`) is printed beside it.
 
-Every layout is a real training job (a Trainer per rank: DeepSpeed engine, ZeRO-1, our data),
-started once and kept alive; a job waiting for its turn is blocked on a pipe (or in a gloo
-collective) and uses no CPU. The driver times each layout in pairs of windows next to a dp=1
-window (order alternating), keeps the pairs in which the rest of the machine stayed quiet
+Every layout is a real training job (a Trainer per rank: DeepSpeed engine, our data),
+started once and kept alive while it is measured (dp=1 throughout); a job waiting for its turn
+is blocked on a pipe (or in a gloo collective). The driver times each layout in pairs of windows
+next to a dp=1 window (order alternating), keeps the pairs in which the rest of the machine stayed quiet
 (bench/common.py: Meter), and prints the median of layout / dp=1 tokens/s over them.
 
     python bench/scaling.py                      # small and medium sizes, GPT-2 style
@@ -24,13 +24,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-# name: (world size, tensor, pipeline, micro batch divisor, threads per rank or None = launcher's rule)
+# name: (world size, tensor, pipeline, micro batch divisor, threads per rank or None = launcher's
+# rule, ZeRO stage). dp2 is plain data parallelism (gradients all-reduced, ZeRO-0); dp2-zero1 adds
+# ZeRO-1's sharded optimizer, which on gloo pays a parameter all-gather per step on top.
 LAYOUTS = {
-    "dp1": (1, 1, 1, 1, 1),
-    "dp2": (2, 1, 1, 2, None),
-    "tp2": (2, 2, 1, 1, None),
-    "pp2": (2, 1, 2, 4, None),   # 4 micro-batches per step so the pipeline can overlap them
-    "dp1-allcores": (1, 1, 1, 1, None),
+    "dp1": (1, 1, 1, 1, 1, 1),
+    "dp2": (2, 1, 1, 2, None, 0),
+    "dp2-zero1": (2, 1, 1, 2, None, 1),
+    "tp2": (2, 2, 1, 1, None, 1),
+    "pp2": (2, 1, 2, 4, None, 1),   # 4 micro-batches per step so the pipeline can overlap them
+    "dp1-allcores": (1, 1, 1, 1, None, 1),
 }
 DEFAULT_STEPS = {"small": 10, "medium": 2}
 
@@ -47,9 +50,9 @@ def worker(args) -> int:
     common.quiet()
     import torch.distributed as dist
 
-    world, tensor, pipeline, divisor, _ = LAYOUTS[args.layout]
+    world, tensor, pipeline, divisor, _, zero = LAYOUTS[args.layout]
     _, _, _, _, micro = common.SIZES[args.size]
-    sets = common.overrides(args.size, args.family, world=world, tensor=tensor, pipeline=pipeline,
+    sets = common.overrides(args.size, args.family, world=world, tensor=tensor, pipeline=pipeline, zero=zero,
                             micro_batch=max(1, micro // divisor), global_batch=micro,
                             steps=args.total_steps, cache_dir=args.cache_dir)
     full = common.FullStack(common.load(sets, world))
@@ -85,7 +88,7 @@ class Job:
     """A layout's ranks as subprocesses (what torchrun would start: RANK, WORLD_SIZE, ...)."""
 
     def __init__(self, name: str, args, log_dir: str):
-        world, tensor, pipeline, _, threads = LAYOUTS[name]
+        world, tensor, pipeline, _, threads, _ = LAYOUTS[name]
         from megatron_gpt.launcher import threads_per_rank
 
         cfg = common.load(common.overrides(args.size, args.family, world=world, tensor=tensor,
@@ -149,22 +152,24 @@ def measure(size: str, args, log_dir: str) -> dict:
     args.size = size
     names = [n for n in args.layouts.split(",") if n != "dp1"]
     max_rounds = args.max_rounds or 3 * args.rounds
-    args.total_steps = args.warmup + steps * 2 * max_rounds * max(1, len(names)) + 1
+    args.total_steps = args.warmup + steps * max_rounds * max(1, len(names)) + 1  # dp1's share, the most
     jobs: dict[str, Job] = {}
+    pairs = {name: [] for name in names}  # (layout tokens/s, dp1 tokens/s, foreign cores)
+    threads = {}
     try:
-        for name in ["dp1", *names]:  # start all, then wait: their set-ups overlap
-            jobs[name] = Job(name, args, log_dir)
-        for job in jobs.values():
+        jobs["dp1"] = Job("dp1", args, log_dir)
+        jobs["dp1"].ready()
+        jobs["dp1"].run(args.warmup)
+        # One layout at a time beside dp1: an idle job still holds memory and threads that
+        # measurably slowed the job being timed when all layouts were alive at once.
+        for name in names:
+            job = jobs[name] = Job(name, args, log_dir)
             job.ready()
-        for job in jobs.values():
             job.run(args.warmup)
-        pids = [os.getpid()] + [p.pid for job in jobs.values() for p in job.ranks]
-        pairs = {name: [] for name in names}  # (layout tokens/s, dp1 tokens/s, foreign cores)
-        for r in range(max_rounds):
-            pending = [n for n in names if sum(f < common.QUIET_CORES for *_, f in pairs[n]) < args.rounds]
-            if not pending:
-                break
-            for name in (pending if r % 2 == 0 else pending[::-1]):
+            pids = [os.getpid()] + [p.pid for j in (jobs["dp1"], job) for p in j.ranks]
+            for r in range(max_rounds):
+                if sum(f < common.QUIET_CORES for *_, f in pairs[name]) >= args.rounds:
+                    break
                 rates, foreign = {}, 0.0
                 for which in (("dp1", name) if r % 2 == 0 else (name, "dp1")):
                     with common.Meter(pids) as meter:
@@ -172,6 +177,8 @@ def measure(size: str, args, log_dir: str) -> dict:
                     rates[which] = jobs[which].tokens_per_step * steps / seconds
                     foreign = max(foreign, meter.foreign)
                 pairs[name].append((rates[name], rates["dp1"], foreign))
+            threads[name] = job.threads
+            jobs.pop(name).close()
     finally:
         for job in jobs.values():
             job.close()
@@ -183,9 +190,9 @@ def measure(size: str, args, log_dir: str) -> dict:
         base_rates += [b for _, b, _ in use]
         layouts[name] = {"tokens_per_sec": statistics.median(x for x, _, _ in use),
                          "ratio": statistics.median(x / b for x, b, _ in use),
-                         "threads": jobs[name].threads, "world": LAYOUTS[name][0],
+                         "threads": threads[name], "world": LAYOUTS[name][0],
                          "quiet": len(quiet), "pairs": len(pairs[name])}
-    dp1 = {"tokens_per_sec": statistics.median(base_rates), "ratio": 1.0, "threads": jobs["dp1"].threads,
+    dp1 = {"tokens_per_sec": statistics.median(base_rates), "ratio": 1.0, "threads": 1,
            "world": 1, "quiet": None, "pairs": None}
     return {"size": size, "steps": steps, "busy": busy, "layouts": {"dp1": dp1, **layouts}}
 
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="small,medium", help="comma list of: " + ", ".join(common.SIZES))
     parser.add_argument("--family", default="gpt2", choices=list(common.FAMILIES))
-    parser.add_argument("--layouts", default="dp1,dp2,tp2,pp2,dp1-allcores", help="comma list of: " + ", ".join(LAYOUTS))
+    parser.add_argument("--layouts", default="dp1,dp2,dp2-zero1,tp2,pp2,dp1-allcores", help="comma list of: " + ", ".join(LAYOUTS))
     parser.add_argument("--rounds", type=int, default=7, help="quiet window pairs (layout, dp1) per layout (median)")
     parser.add_argument("--max-rounds", type=int, default=None, help="rounds to try at most (default: 3 x --rounds)")
     parser.add_argument("--steps", type=int, default=None, help="steps per window (default: per size)")

@@ -65,7 +65,7 @@ class ParallelismConfig(Section):
     pipeline: int = Field(1, ge=1)
     """Pipeline-parallel size (DeepSpeed PipelineModule)."""
     zero_stage: int = Field(1, ge=0, le=3)
-    """DeepSpeed ZeRO stage over the data-parallel group (0 disables ZeRO)."""
+    """DeepSpeed ZeRO stage over the data-parallel group (0 disables ZeRO; 1 and 2 run as 0 with one data-parallel rank and no pipeline)."""
     partition_method: Literal["parameters", "uniform", "layers"] = "parameters"
     """How pipeline stages split the layer list: balanced parameter counts, equal layer counts,
     or equal numbers of transformer blocks."""
