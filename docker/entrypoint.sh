@@ -61,7 +61,7 @@ setup_ssh() {
   while IFS= read -r -d '' line; do
     name=${line%%=*}
     case $name in HOME | PWD | OLDPWD | SHLVL | _ | HOSTNAME | TERM | MEGATRON_GPT_SSHD) continue ;; esac
-    [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ && $line != *$'\n'* ]] && printf '%s\n' "$line"
+    if [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ && $line != *$'\n'* ]]; then printf '%s\n' "$line"; fi
   done < <(env -0) > "$HOME/.ssh/environment.tmp"
   chmod 600 "$HOME/.ssh/environment.tmp"
   mv -f "$HOME/.ssh/environment.tmp" "$HOME/.ssh/environment"
