@@ -134,7 +134,7 @@ class FullStack:
             done = step + 1
             if done % self.log_interval == 0:
                 metrics.flush()
-            self.stop.requested(trainer.topo.device)
+            self.stop.requested()
             self.step_index = done
 
     def losses(self) -> list[float]:

@@ -117,9 +117,9 @@ def build_engine(model: nn.Module, cfg: Config, topo: Topology):
         mpu=None if topo.pipeline > 1 else DeepSpeedMPU(),  # a PipelineModule brings its own grid
         dist_init_required=False,
     )
-    if topo.data == 1 and topo.pipeline == 1 and engine_zero_stage(cfg, topo.data) == 0:
+    if topo.data == 1 and engine_zero_stage(cfg, 1) == 0:
         # one data-parallel rank: DeepSpeed would still flatten, all-reduce over itself and copy
-        # back every gradient after each backward
+        # back every gradient after each backward (a PipelineEngine has it off already)
         engine.enable_backward_allreduce = False
     return engine
 

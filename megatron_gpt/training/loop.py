@@ -193,7 +193,7 @@ class Trainer:
                 self.metrics.window_start = time.perf_counter()  # keep eval time out of tokens/s
             if save_every and done % save_every == 0 and done != steps:
                 self.save(done)
-            if done != steps and stop.requested(self.topo.device):  # a signal on any rank: all stop here
+            if done != steps and stop.requested():  # a signal on any rank: all stop here
                 preemption.stop(self, done)  # flush, save, raise Preempted
         trained = steps - self.start_step
         if trained:

@@ -34,6 +34,7 @@ class Watcher:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous = {}
+        self._gloo = None
 
     def install(self) -> "Watcher":
         for sig in SIGNALS:
@@ -62,15 +63,27 @@ class Watcher:
             print(f"rank {os.environ.get('RANK', '0')}: received {signal.Signals(signum).name}; "
                   "saving a checkpoint at the next step boundary", file=sys.stderr, flush=True)
 
-    def requested(self, device=None) -> bool:
-        """Collective on the default group: True on every rank if any rank got a signal."""
+    def requested(self) -> bool:
+        """Collective over all ranks: True on every rank if any rank got a signal. Asked every step,
+        so it stays on the host: over the default group when that is gloo (CPU), else over a gloo
+        group of the same ranks; an NCCL all-reduce plus .item() would make the host wait for
+        every queued kernel each step."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32, device=device)
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group())
         return bool(flag.item())
+
+    def _host_group(self):
+        import torch.distributed as dist
+
+        if dist.get_backend() == "gloo":
+            return None
+        if self._gloo is None:  # every rank reaches its first check at the same step: new_group is collective
+            self._gloo = dist.new_group(backend="gloo")
+        return self._gloo
 
 
 _watcher: Watcher | None = None
