@@ -4,7 +4,7 @@
     sample order and collate, metrics log) stepped as `Trainer.run` steps it;
 (b) nanoGPT's loop in plain PyTorch (bench/common.py): the same model with the same initial
     weights, the same batches (the same dataset samples, read into memory before timing, so data
-    loading is charged to (a) only), torch.optim.AdamW with the same settings, clipping, LR schedule.
+    loading is charged to (a) only), torch.optim.AdamW (fused, as ours) with the same settings, clipping, LR schedule.
 
 Both run in this process with the same thread settings, window after window in alternating
 order; tokens/s is the median over windows and the ratio the median of per-window-pair ratios.

@@ -101,10 +101,14 @@ def cpu_threads(threads: int | None = None) -> int:
     return default_threads(os.environ, None)
 
 
-def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", threads: int | None = None) -> Topology:
-    """Join the process group the launcher set up (env://) and build megatron-core's groups."""
+def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", threads: int | None = None,
+                     shared_memory_allreduce: bool = True) -> Topology:
+    """Join the process group the launcher set up (env://) and build megatron-core's groups.
+    On CPU, ranks on one host get DeepSpeed's shared-memory all-reduce (see shared_memory)."""
     import deepspeed
     from megatron.core import parallel_state
+
+    from megatron_gpt import shared_memory
 
     device = pick_device(device_choice)
     if device.type == "cpu":
@@ -112,8 +116,15 @@ def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", th
     else:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        prepared = False
+        if device.type == "cpu":
+            from deepspeed.constants import default_pg_timeout
+
+            dist.init_process_group("gloo", timeout=default_pg_timeout)  # as DeepSpeed would
+            prepared = shared_memory.prepare(shared_memory_allreduce)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
+        shared_memory.release(prepared)
     if parallel_state.model_parallel_is_initialized() and (
             parallel_state.get_tensor_model_parallel_world_size() != tensor
             or parallel_state.get_pipeline_model_parallel_world_size() != pipeline):

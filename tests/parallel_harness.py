@@ -70,6 +70,8 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
     cfg = load_config([str(REPO / "tests" / "configs" / "tiny.yml")], overrides, world_size=world)
     trainer = Trainer(cfg)
     engine = trainer.engine
+    if dist.get_rank() == 0:  # which code all-reduced the gradients (tests assert the intended one ran)
+        (layout_dir / "gradient-sync.txt").write_text("shared memory" if trainer.sync_gradients else "engine")
     take_step = engine._take_model_step  # the one place both engines pass through before stepping
     clip = loop.clip_gradients  # where the trainer clips itself (fp32 without ZeRO), before that
     captured = []

@@ -326,7 +326,7 @@ def test_deepspeed_blocks(base):
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 0.001, "betas": [0.9, 0.99], "eps": 1e-8,
-                                                           "weight_decay": 0.1, "torch_adam": True, "foreach": True}}
+                                                           "weight_decay": 0.1, "torch_adam": True, "fused": True}}
     assert ds["gradient_clipping"] == 0.5 and "scheduler" not in ds
     json.dumps(ds)  # JSON-ready
 

@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "parallel_harness.py"
 # (tensor, pipeline, zero); data parallel is 4 / (tensor x pipeline).
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (2, 1, 2), (2, 1, 3), (1, 2, 1), (2, 2, 1), (4, 1, 0)]
+# Plain data parallelism over 2 ranks, one thread each: on a host with 2 cores the gradients go
+# through DeepSpeed's shared-memory all-reduce (megatron_gpt/shared_memory.py), not the engine.
+SHARED_MEMORY_LAYOUT = (1, 1, 0)
 FAMILIES = ["llama", "neox"]
 
 
@@ -52,6 +55,10 @@ def family_runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"layouts-{request.param}")
     run_harness(out, request.param, 1, [(1, 1, 1)])
     run_harness(out, request.param, 4, LAYOUTS)
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    run_harness(out, request.param, 2, [SHARED_MEMORY_LAYOUT])
+    left = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before
+    assert not left, f"shared-memory segments left behind: {sorted(left)}"
     return out, request.param
 
 
@@ -60,7 +67,7 @@ def test_every_layout_matches_one_process(family_runs):
     base_losses, base_grads, _ = load_run(out, family, (1, 1, 1))
     assert sorted(base_losses) == list(range(1, 9))
     report = []
-    for layout in LAYOUTS:
+    for layout in LAYOUTS + [SHARED_MEMORY_LAYOUT]:
         losses, grads, name = load_run(out, family, layout)
         loss_error = max(abs(losses[step] - base_losses[step]) for step in base_losses)
         assert set(grads) == set(base_grads), (name, set(grads) ^ set(base_grads))
@@ -69,3 +76,13 @@ def test_every_layout_matches_one_process(family_runs):
         assert loss_error <= 1e-4, report[-1]
         assert grad_error <= 1e-5, report[-1]
     print("\n".join(report))
+
+
+def test_two_local_ranks_all_reduce_through_shared_memory(family_runs):
+    out, family = family_runs
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("2 ranks x 1 thread need 2 cores for the shared-memory all-reduce")
+    tensor, pipeline, zero = SHARED_MEMORY_LAYOUT
+    used = (out / f"{family}-tp{tensor}-pp{pipeline}-z{zero}" / "gradient-sync.txt").read_text()
+    assert used == "shared memory"
+    assert (out / f"{family}-tp1-pp1-z1" / "gradient-sync.txt").read_text() == "engine"  # ZeRO-1: DeepSpeed's

@@ -39,9 +39,10 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
                 "weight_decay": o.weight_decay,
                 # torch.optim.AdamW: avoids DeepSpeed's ~65 s FusedAdam JIT build (and works on CPU).
                 "torch_adam": True,
-                # one multi-tensor update per parameter group instead of a Python loop over
-                # parameters (torch's default off CUDA): 2-5% of a small model's CPU step
-                "foreach": True,
+                # torch's fused AdamW kernel (CPU and CUDA): one pass over each parameter's
+                # weights, gradients and moments; the multi-tensor path made ~10 passes and cost
+                # 8 ms of a 1.1M-parameter model's step on one CPU core, the fused one 1.3 ms
+                "fused": True,
             },
         },
         "steps_per_print": 2**31 - 1,  # the trainer prints its own metrics

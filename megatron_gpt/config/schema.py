@@ -69,6 +69,9 @@ class ParallelismConfig(Section):
     partition_method: Literal["parameters", "uniform", "layers"] = "parameters"
     """How pipeline stages split the layer list: balanced parameter counts, equal layer counts,
     or equal numbers of transformer blocks."""
+    shared_memory_allreduce: bool = True
+    """On CPU with every rank on one host: all-reduce fp32 data-parallel gradients (ZeRO-0, tensor=pipeline=1)
+    through DeepSpeed's shared-memory kernel instead of gloo's TCP; false keeps gloo."""
 
 
 class TokenizerConfig(Section):

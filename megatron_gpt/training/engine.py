@@ -117,11 +117,46 @@ def build_engine(model: nn.Module, cfg: Config, topo: Topology):
         mpu=None if topo.pipeline > 1 else DeepSpeedMPU(),  # a PipelineModule brings its own grid
         dist_init_required=False,
     )
-    if topo.data == 1 and engine_zero_stage(cfg, 1) == 0:
+    if (topo.data == 1 and engine_zero_stage(cfg, 1) == 0) or syncs_gradients_itself(cfg, topo):
         # one data-parallel rank: DeepSpeed would still flatten, all-reduce over itself and copy
-        # back every gradient after each backward (a PipelineEngine has it off already)
+        # back every gradient after each backward (a PipelineEngine has it off already);
+        # several on one CPU host: GradientSync does it over shared memory
         engine.enable_backward_allreduce = False
     return engine
+
+
+def syncs_gradients_itself(cfg: Config, topo: Topology) -> bool:
+    """Whether the trainer all-reduces data-parallel gradients (GradientSync) instead of the
+    engine: plain data parallelism (ZeRO-0, fp32, tensor=pipeline=1) of CPU ranks that
+    share DeepSpeed's shared-memory kernel, whose group is the whole world."""
+    from megatron_gpt import shared_memory
+
+    return (shared_memory.active() and topo.device.type == "cpu" and 1 < topo.data == topo.world_size
+            and engine_zero_stage(cfg, topo.data) == 0 and cfg.training.precision == "fp32")
+
+
+class GradientSync:
+    """Averages gradients over the data-parallel ranks as DeepSpeed's stage-0 path does (sum,
+    then times 1/ranks: the same numbers), through the shared-memory kernel in one flat buffer
+    kept between steps. Call it once per optimizer step, after the last backward."""
+
+    def __init__(self, model: nn.Module, ranks: int):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=torch.float32)
+        self.scale = 1.0 / ranks
+
+    def __call__(self) -> None:
+        from megatron_gpt import shared_memory
+
+        grads = []
+        for param in self.params:
+            if param.grad is None:  # as DeepSpeed's reduction: an unused parameter counts as zeros
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
+        torch.cat([g.reshape(-1) for g in grads], out=self.flat)
+        shared_memory.all_reduce(self.flat)
+        for grad, summed in zip(grads, self.flat.split([g.numel() for g in grads])):
+            torch.mul(summed.view_as(grad), self.scale, out=grad)  # scale and copy back in one pass
 
 
 def clip_gradients(model: nn.Module, max_norm: float, topo: Topology) -> torch.Tensor:

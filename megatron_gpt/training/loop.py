@@ -19,7 +19,7 @@ from megatron_gpt.generation import sample
 from megatron_gpt.model import masked_mean, token_losses
 from megatron_gpt.training import checkpoint, preemption
 from megatron_gpt.training.backends import Backends
-from megatron_gpt.training.engine import build_engine, build_model, clip_gradients
+from megatron_gpt.training.engine import GradientSync, build_engine, build_model, clip_gradients, syncs_gradients_itself
 from megatron_gpt.training.evaluate import eval_batches, evaluate, module_summed_nats
 from megatron_gpt.training.flops import peak_flops, training_flops_per_token
 from megatron_gpt.training.metrics import MetricsLog, Throughput
@@ -55,7 +55,8 @@ class Trainer:
     def __init__(self, cfg: Config, started: float | None = None):
         started = time.perf_counter() if started is None else started
         self.cfg = cfg
-        self.topo = topo = init_distributed(cfg.parallelism.tensor, cfg.parallelism.pipeline, cfg.training.device)
+        self.topo = topo = init_distributed(cfg.parallelism.tensor, cfg.parallelism.pipeline, cfg.training.device,
+                                            shared_memory_allreduce=cfg.parallelism.shared_memory_allreduce)
         seed_everything(cfg.training.seed)
         self.layout = layout = batch_layout(cfg, topo.world_size)
         cache_dir = cfg.data.cache_dir or default_cache_dir()
@@ -70,6 +71,7 @@ class Trainer:
         self.engine = build_engine(self.model.to(topo.device), cfg, topo)
         self.pipelined = topo.pipeline > 1
         self.clips = trainer_clips_gradients(cfg, topo.data)
+        self.sync_gradients = GradientSync(self.model, topo.data) if syncs_gradients_itself(cfg, topo) else None
         self.last_grad_norm: torch.Tensor | None = None
         self.group = topo.data_parallel_group
 
@@ -136,8 +138,11 @@ class Trainer:
             loss = masked_mean(token_losses(logits, batch["labels"], self.topo.tensor), batch["loss_mask"])
             self.engine.backward(loss)
             middle = clock()
-            if self.clips and self.engine.is_gradient_accumulation_boundary():
-                self.last_grad_norm = clip_gradients(self.model, self.cfg.training.gradient_clipping, self.topo)
+            if self.engine.is_gradient_accumulation_boundary():
+                if self.sync_gradients is not None:
+                    self.sync_gradients()
+                if self.clips:
+                    self.last_grad_norm = clip_gradients(self.model, self.cfg.training.gradient_clipping, self.topo)
             self.engine.step()
             forward_backward += middle - begin
             optimizer += clock() - middle

@@ -65,12 +65,19 @@ class Watcher:
 
     def requested(self) -> bool:
         """Collective over all ranks: True on every rank if any rank got a signal. Asked every step,
-        so it stays on the host: over the default group when that is gloo (CPU), else over a gloo
+        so it stays on the host: through shared memory where every rank is on one CPU host (see
+        shared_memory), else over the default group when that is gloo (CPU), else over a gloo
         group of the same ranks; an NCCL all-reduce plus .item() would make the host wait for
         every queued kernel each step."""
         import torch
         import torch.distributed as dist
 
+        from megatron_gpt import shared_memory
+
+        if shared_memory.active():
+            flag = torch.tensor([0.0 if self.received is None else 1.0])
+            shared_memory.all_reduce(flag)
+            return flag.item() > 0
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group())
