@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -366,6 +367,10 @@ def test_slurm_sbatch_script_trains_two_ranks_and_requeues_after_preemption(slur
         # and for the node to finish cleaning up the preempted run (a launch onto a node that is
         # still COMPLETING that job can fail at once)
         wait_for(lambda: node_state(env) in ("IDLE", "MIXED"), 180, "the node to be idle again", 0.25)
+        # slurmd revoked the job's credential when it killed the first run and refuses a credential
+        # of the same job id issued within the same second ("Job credential revoked"): that is why
+        # a requeued job's BeginTime lies in the future. Start it 2 s after the requeue, not at once.
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30, check=True)
         final = wait_for(lambda: (state := job_state(env, job)).get("JobState") in ended and state, 300,
                          "the requeued job to end", 0.5)
@@ -374,7 +379,7 @@ def test_slurm_sbatch_script_trains_two_ranks_and_requeues_after_preemption(slur
     text = output()
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", f"{final}\n{text[-4000:]}\n{slurm.logs()}"
     stopped = int(re.search(r"preempted: saved checkpoint \S+ at step (\d+)", text).group(1))
-    assert "requeued job" in text and f"steps {stopped}->{steps}" in text, text[-4000:]
+    assert "requeuing job" in text and "restart 1" in text and f"steps {stopped}->{steps}" in text, text[-4000:]
     assert text.count("started by slurm") == 4  # 2 ranks, twice
     found = rank_lines(text)
     assert sorted(found) == [0, 1] and {w for w, _ in found.values()} == {2}, text[-3000:]

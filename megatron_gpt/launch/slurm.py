@@ -82,8 +82,9 @@ def sbatch_script(cfg: Config, config_files: list[str], overrides: list[str], op
         "status=$?",
         f"if [ \"$status\" -eq {EXIT_CODE} ]; then",
         "  echo \"preempted: checkpoint saved at a step boundary\"",
-        *(["  scontrol requeue \"$SLURM_JOB_ID\" && echo \"requeued job $SLURM_JOB_ID; it resumes from the checkpoint\""]
-          if opts.requeue else []),
+        # the message first: `scontrol requeue` kills this script, often before a later echo runs
+        *(["  echo \"requeuing job $SLURM_JOB_ID; it resumes from the checkpoint\"",
+           "  scontrol requeue \"$SLURM_JOB_ID\""] if opts.requeue else []),
         "fi",
         "exit \"$status\"",
         "",
