@@ -159,12 +159,13 @@ class GradientSync:
             torch.mul(summed.view_as(grad), self.scale, out=grad)  # scale and copy back in one pass
 
 
-def clip_gradients(model: nn.Module, max_norm: float, topo: Topology) -> torch.Tensor:
-    """Clip gradients to `max_norm` by their global L2 norm and return that norm (before
-    clipping), as DeepSpeed's fp32 path does without keeping the norm. At tensor-parallel size 1
-    torch's foreach kernels; otherwise DeepSpeed's, which counts tensor-parallel duplicates
-    (norms, biases of row-parallel layers) once and sums over the model-parallel group."""
-    params = [p for p in model.parameters() if p.grad is not None]
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float, topo: Topology) -> torch.Tensor:
+    """Clip the gradients of `parameters` (the whole model's) to `max_norm` by their global L2 norm
+    and return that norm (before clipping), as DeepSpeed's fp32 path does without keeping the norm.
+    At tensor-parallel size 1 torch's foreach kernels; otherwise DeepSpeed's, which counts
+    tensor-parallel duplicates (norms, biases of row-parallel layers) once and sums over the
+    model-parallel group."""
+    params = [p for p in parameters if p.grad is not None]
     if topo.tensor == 1:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     from deepspeed.runtime.utils import clip_grad_norm_

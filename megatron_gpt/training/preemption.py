@@ -74,13 +74,14 @@ class Watcher:
 
         from megatron_gpt import shared_memory
 
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.received is not None
         if shared_memory.active():
             flag = torch.tensor([0.0 if self.received is None else 1.0])
             shared_memory.all_reduce(flag)
             return flag.item() > 0
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group())
         return bool(flag.item())
 
     def _host_group(self):
