@@ -6,9 +6,8 @@ DeepSpeed's CPU backend switches the kernel on when LOCAL_SIZE equals the world 
 starts; every rank then maps one ~66 MiB segment per rank from /dev/shm, waits until it has
 mapped all of them, and never removes them. So, around `deepspeed.init_distributed`:
 `prepare` decides on every rank alike (one host, a core per thread, enough free /dev/shm) and
-sets LOCAL_SIZE,
-`release` unlinks this rank's segment once every rank has mapped all of them: the mappings
-stay valid and nothing is left in /dev/shm when the job ends, however it ends.
+sets LOCAL_SIZE; `release` unlinks this rank's segment once every rank has mapped all of them:
+the mappings stay valid and nothing is left in /dev/shm when the job ends, however it ends.
 """
 
 from __future__ import annotations
