@@ -20,6 +20,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def say_line(text: str) -> None:
+    """One line in one write: ranks share the launcher's stdout, and print()'s separate write of
+    the newline let two ranks' lines run together (seen under mpirun)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def join_launch(configs: list[str], overrides: list[str]) -> str:
     """Before the process group: RANK/WORLD_SIZE/MASTER_* from srun or mpirun when torchrun or
     DeepSpeed did not set them, launcher.env, threads; prints this rank's line. Returns the source."""
@@ -32,9 +39,9 @@ def join_launch(configs: list[str], overrides: list[str]) -> str:
     os.environ.setdefault("OMP_NUM_THREADS", str(ranks.default_threads(os.environ, launcher.threads_per_rank)))
     if how != "single":
         master, port = os.environ.get("MASTER_ADDR", "?"), int(os.environ.get("MASTER_PORT", "0") or 0)
-        print(f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} local_rank {os.environ.get('LOCAL_RANK', '0')} "
-              f"node {ranks.address_towards(master, port or 1)} ({os.uname().nodename}) started by {how}; "
-              f"rendezvous {master}:{port}", flush=True)
+        say_line(f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} local_rank {os.environ.get('LOCAL_RANK', '0')} "
+                 f"node {ranks.address_towards(master, port or 1)} ({os.uname().nodename}) started by {how}; "
+                 f"rendezvous {master}:{port}")
     return how
 
 
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            print(f"rank {dist.get_rank()}/{dist.get_world_size()}: finished", flush=True)
+            say_line(f"rank {dist.get_rank()}/{dist.get_world_size()}: finished")
     except preemption.Preempted:
         return preemption.exit_code()
     except (ConfigError, DataError) as error:
