@@ -131,7 +131,7 @@ def syncs_gradients_itself(cfg: Config, topo: Topology) -> bool:
     share DeepSpeed's shared-memory kernel, whose group is the whole world."""
     from megatron_gpt import shared_memory
 
-    return (shared_memory.active() and topo.device.type == "cpu" and 1 < topo.data == topo.world_size
+    return (shared_memory.active() and 1 < topo.data == topo.world_size  # active() implies CPU
             and engine_zero_stage(cfg, topo.data) == 0 and cfg.training.precision == "fp32")
 
 
@@ -140,9 +140,10 @@ class GradientSync:
     then times 1/ranks: the same numbers), through the shared-memory kernel in one flat buffer
     kept between steps. Call it once per optimizer step, after the last backward."""
 
-    def __init__(self, model: nn.Module, ranks: int):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=torch.float32)
+    def __init__(self, parameters: list[nn.Parameter], ranks: int):
+        self.params = parameters
+        self.sizes = [p.numel() for p in parameters]
+        self.flat = torch.empty(sum(self.sizes), dtype=torch.float32)
         self.scale = 1.0 / ranks
 
     def __call__(self) -> None:
@@ -155,7 +156,7 @@ class GradientSync:
             grads.append(param.grad)
         torch.cat([g.reshape(-1) for g in grads], out=self.flat)
         shared_memory.all_reduce(self.flat)
-        for grad, summed in zip(grads, self.flat.split([g.numel() for g in grads])):
+        for grad, summed in zip(grads, self.flat.split(self.sizes)):
             torch.mul(summed.view_as(grad), self.scale, out=grad)  # scale and copy back in one pass
 
 

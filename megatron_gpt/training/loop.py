@@ -71,8 +71,8 @@ class Trainer:
         self.engine = build_engine(self.model.to(topo.device), cfg, topo)
         self.pipelined = topo.pipeline > 1
         self.clips = trainer_clips_gradients(cfg, topo.data)
-        self.sync_gradients = GradientSync(self.model, topo.data) if syncs_gradients_itself(cfg, topo) else None
         self.params = list(self.model.parameters())  # walking the module tree each step costs ~0.5 ms
+        self.sync_gradients = GradientSync(self.params, topo.data) if syncs_gradients_itself(cfg, topo) else None
         self.last_grad_norm: torch.Tensor | None = None
         self.group = topo.data_parallel_group
 
