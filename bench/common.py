@@ -112,13 +112,11 @@ class FullStack:
     flush, the preemption check); only evaluation, checkpoints and samples are left out."""
 
     def __init__(self, cfg, printer: Callable[[str], None] | None = None):
-        from megatron_gpt.training import preemption
         from megatron_gpt.training.loop import Trainer
 
         with contextlib.redirect_stdout(io.StringIO()):
             self.trainer = Trainer(cfg)
         self.trainer.metrics.print = printer or (lambda line: None)
-        self.stop = preemption.watch()
         self.step_index = 0
         cfg = self.trainer.cfg
         self.log_interval = cfg.logging.log_interval
@@ -134,7 +132,7 @@ class FullStack:
             done = step + 1
             if done % self.log_interval == 0:
                 metrics.flush()
-            self.stop.requested()
+            trainer.stop_requested()
             self.step_index = done
 
     def losses(self) -> list[float]:

@@ -108,11 +108,12 @@ def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", th
     import deepspeed
     from megatron.core import parallel_state
 
-    from megatron_gpt import shared_memory
+    from megatron_gpt import host_memory, shared_memory
 
     device = pick_device(device_choice)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(threads))
+        host_memory.keep_freed_memory()
     else:
         torch.cuda.set_device(device)
     if not dist.is_initialized():

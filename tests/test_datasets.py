@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_gpt.config.schema import DataConfig, TokenizerConfig
-from megatron_gpt.data.datasets import SampleOrder, build_datasets
+from megatron_gpt.data.datasets import SampleOrder, build_datasets, collate
 from megatron_gpt.data.errors import DataError
 from megatron_gpt.data.preprocess import preprocess
 from megatron_gpt.data.tokenizer import build_tokenizer
@@ -100,6 +101,33 @@ def test_blend_shares_follow_the_weights(tmp_path, tokenizer):
     n = len(lower_set)
     assert sorted(picks[:n]) == list(range(n)) and sorted(picks[n:2 * n]) == list(range(n))
     assert picks[:n] != picks[n:2 * n]
+
+
+def test_batched_collation_equals_megatron_cores_samples(tmp_path, tokenizer):
+    """Blend.batch (what training reads) gives exactly the stacked GPTDataset.__getitem__ samples,
+    across components, later reshuffled epochs and padding (pad id set to a real letter so that
+    both paths have padding to mask)."""
+    upper, lower = letters(tmp_path, "upper", 65, 12), letters(tmp_path, "lower", 97, 12, base=30)
+    data = DataConfig(paths=[upper, lower], weights=[0.6, 0.4], split="90,10,0")
+    train, valid = build_datasets(data, 20, 2, tokenizer, 600, 30, str(tmp_path / "cache"))
+    assert len(train) > 2 * sum(len(d) for d in train.datasets)  # several epochs of each
+
+    def check(blend, batches):
+        for indices in batches:
+            batched = collate(blend, indices, torch.device("cpu"))
+            one_by_one = [blend[i] for i in indices]
+            for key in ("tokens", "labels", "loss_mask"):
+                expected = torch.stack([sample[key] for sample in one_by_one])
+                assert batched[key].dtype == expected.dtype and torch.equal(batched[key], expected), key
+
+    check(train, [range(i, min(i + 7, 600)) for i in range(0, 600, 7)])
+    check(valid, [range(0, 30)])
+    for dataset in train.datasets:
+        dataset._pad_token_id = 65
+    check(train, [range(0, 40), [599, 3, 3, 311]])
+    assert collate(train, range(0, 40), torch.device("cpu"))["loss_mask"].min() == 0
+    with pytest.raises(IndexError, match="outside"):
+        train.batch([600])
 
 
 def test_per_split_lists_blend_whole_datasets(tmp_path, tokenizer):

@@ -85,3 +85,70 @@ def test_segment_name_is_deepspeeds(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert shared_memory.segment_name(1) == f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29500_1"
+
+
+SYNC = """
+import os, signal, sys, torch
+from megatron_gpt import shared_memory
+from megatron_gpt.distributed import init_distributed
+from megatron_gpt.training import preemption
+from megatron_gpt.training.engine import GradientSync
+rank = init_distributed(1, 1, "cpu").rank
+params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2))]
+sync, watcher = GradientSync(params, 2), preemption.watch()
+votes = []
+for step in range(2):
+    params[0].grad = torch.full((3, 2), rank + 1.0)
+    params[1].grad = torch.arange(5.0) * (rank + 1)
+    params[2].grad = None  # unused this step: counts as zeros
+    if step == 1 and rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    sync(stop_vote=watcher.received is not None)
+    votes.append(sync.stop_votes)
+print("RESULT", shared_memory.active(), votes, params[0].grad.tolist(), params[1].grad.tolist(),
+      params[2].grad.tolist(), params[0].grad.data_ptr() == sync.grads.data_ptr(), flush=True)
+"""
+
+
+def test_gradient_sync_averages_into_one_buffer_and_carries_the_stop_votes():
+    """Two real ranks through DeepSpeed's shared-memory kernel: gradients averaged (an unused one
+    as zeros) and left as views of one buffer; a signal on rank 1 only is in both ranks' votes."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("2 ranks x 1 thread need 2 cores for the shared-memory all-reduce")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    repo = str(Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", SYNC], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}) for rank in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    results = [next((line for line in out.splitlines() if line.startswith("RESULT")), err[-3000:]) for out, err in outs]
+    expected = (f"RESULT True [0.0, 1.0] {[[1.5, 1.5]] * 3} {[1.5 * i for i in range(5)]} [0.0, 0.0] True")
+    assert results == [expected, expected], results
+
+
+def test_clipping_the_flat_buffer_equals_torchs_clipping():
+    from megatron_gpt.distributed import Topology
+    from megatron_gpt.training.engine import clip_gradients
+
+    torch.manual_seed(0)
+    topo = Topology(world_size=1, rank=0, local_rank=0, tensor=1, pipeline=1, data=1, tensor_rank=0,
+                    pipeline_rank=0, data_rank=0, device=torch.device("cpu"))
+    for max_norm in (0.5, 1e9):  # clipped, and left as it is
+        flat = torch.randn(1000)
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (600, 300, 100)]
+        for param, grad in zip(params, flat.clone().split([600, 300, 100])):
+            param.grad = grad
+        norm = clip_gradients(params, max_norm, topo, flat=flat)
+        expected = clip_gradients(params, max_norm, topo)
+        torch.testing.assert_close(norm, expected)
+        torch.testing.assert_close(flat, torch.cat([p.grad for p in params]))
+        assert (flat.norm() <= max_norm * (1 + 1e-5)) or max_norm == 1e9

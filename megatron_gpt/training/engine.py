@@ -138,34 +138,49 @@ def syncs_gradients_itself(cfg: Config, topo: Topology) -> bool:
 class GradientSync:
     """Averages gradients over the data-parallel ranks as DeepSpeed's stage-0 path does (sum,
     then times 1/ranks: the same numbers), through the shared-memory kernel in one flat buffer
-    kept between steps. Call it once per optimizer step, after the last backward."""
+    kept between steps. Call it once per optimizer step, after the last backward: afterwards
+    every parameter's .grad is a view of `grads` (no copy back; clip_gradients then works on
+    `grads` in one pass), until the engine sets the gradients to None after stepping.
+
+    The same all-reduce carries one more number, each rank's preemption vote (1 if it got a
+    signal): `stop_votes` is their sum, so the step-boundary check needs no collective of its own
+    (every collective is a point where the faster rank waits for the slower)."""
 
     def __init__(self, parameters: list[nn.Parameter], ranks: int):
         self.params = parameters
         self.sizes = [p.numel() for p in parameters]
-        self.flat = torch.empty(sum(self.sizes), dtype=torch.float32)
+        self.flat = torch.empty(sum(self.sizes) + 1, dtype=torch.float32)
+        self.grads = self.flat[:-1]
+        self.views = [view.view_as(p) for view, p in zip(self.grads.split(self.sizes), parameters)]
         self.scale = 1.0 / ranks
+        self.stop_votes = 0.0
 
-    def __call__(self) -> None:
+    def __call__(self, stop_vote: bool = False) -> None:
         from megatron_gpt import shared_memory
 
-        grads = []
-        for param in self.params:
-            if param.grad is None:  # as DeepSpeed's reduction: an unused parameter counts as zeros
-                param.grad = torch.zeros_like(param)
-            grads.append(param.grad)
-        torch.cat([g.reshape(-1) for g in grads], out=self.flat)
+        # an unused parameter's gradient counts as zeros, as in DeepSpeed's reduction
+        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params],
+                  out=self.grads)
+        self.flat[-1] = float(stop_vote)
         shared_memory.all_reduce(self.flat)
-        for grad, summed in zip(grads, self.flat.split(self.sizes)):
-            torch.mul(summed.view_as(grad), self.scale, out=grad)  # scale and copy back in one pass
+        self.stop_votes = self.flat[-1].item()
+        self.grads.mul_(self.scale)
+        for param, view in zip(self.params, self.views):
+            param.grad = view
 
 
-def clip_gradients(parameters: list[nn.Parameter], max_norm: float, topo: Topology) -> torch.Tensor:
+def clip_gradients(parameters: list[nn.Parameter], max_norm: float, topo: Topology,
+                   flat: torch.Tensor | None = None) -> torch.Tensor:
     """Clip the gradients of `parameters` (the whole model's) to `max_norm` by their global L2 norm
     and return that norm (before clipping), as DeepSpeed's fp32 path does without keeping the norm.
-    At tensor-parallel size 1 torch's foreach kernels; otherwise DeepSpeed's, which counts
-    tensor-parallel duplicates (norms, biases of row-parallel layers) once and sums over the
-    model-parallel group."""
+    `flat`: one buffer every gradient is a view of (GradientSync.grads), scaled as a whole, as torch
+    does (coefficient max_norm / (norm + 1e-6), at most 1). Otherwise, at tensor-parallel size 1
+    torch's foreach kernels; else DeepSpeed's, which counts tensor-parallel duplicates (norms,
+    biases of row-parallel layers) once and sums over the model-parallel group."""
+    if flat is not None:
+        norm = torch.linalg.vector_norm(flat)
+        flat.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
     params = [p for p in parameters if p.grad is not None]
     if topo.tensor == 1:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)

@@ -2,8 +2,9 @@
 run exits with EXIT_CODE; relaunching resumes from that checkpoint (checkpoint.resume).
 
 The signal handler only records the signal. At each step boundary the ranks agree with one
-all-reduce (MAX of "did I get a signal"), so a signal that reached one rank stops them all at the
-same step, where they flush metrics, save collectively and raise :class:`Preempted`.
+all-reduce (MAX of "did I get a signal"; where GradientSync all-reduces the gradients, the votes
+ride in that all-reduce instead: Trainer.stop_requested), so a signal that reached one rank stops
+them all at the same step, where they flush metrics, save collectively and raise :class:`Preempted`.
 """
 
 from __future__ import annotations
