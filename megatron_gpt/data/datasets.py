@@ -247,9 +247,15 @@ class SampleOrder:
         return range(start, start + self.micro_batch_size)
 
 
-def collate(dataset: Blend, indices: range | list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    """tokens, labels and loss_mask of the samples at `indices`, stacked, on `device`."""
-    return {key: value.to(device, non_blocking=True) for key, value in dataset.batch(indices).items()}
+def collate(dataset: Any, indices: range | list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """tokens, labels and loss_mask of the samples at `indices`, stacked, on `device` (a Blend
+    in one batched pass; any other dataset of such samples one sample at a time)."""
+    if isinstance(dataset, Blend):
+        batch = dataset.batch(indices)
+    else:
+        samples = [dataset[i] for i in indices]
+        batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def byte_lengths_table(tokenizer: Any, padded_vocab_size: int) -> torch.Tensor:
