@@ -19,7 +19,7 @@ kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else 0
 def rss_mib():
     return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
 faults, rss = [], []
-for step in range(8):  # a step: activations of several sizes allocated, used, freed
+for step in range(12):  # a step: activations of several sizes allocated, used, freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     tensors = [torch.ones(mib * 2**20 // 4) for mib in (1, 4, 16, 64, 2, 8)]
     loss = sum(float(t[-1]) for t in tensors)
@@ -46,6 +46,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     kept, reused, rss = probe("keep")
     print(f"page faults per step: default {default}, keeping freed memory {reused}; RSS MiB {rss}")
     assert kept >= 32 * 2**20
-    assert min(default[2:]) > pages // 2  # glibc maps the big ones afresh every step
-    assert max(reused[2:]) < pages // 50  # later steps reuse the pages of earlier ones
-    assert rss[-1] <= rss[2] + 8  # and the process does not grow step after step
+    # the first steps grow the heap to its peak (2-4 of them, seen); judged in the steady state
+    assert min(default[-6:]) > pages // 2  # glibc maps the big ones afresh every step
+    assert max(reused[-6:]) < pages // 50  # later steps reuse the pages of earlier ones
+    assert rss[-1] <= rss[-6] + 8  # and the process does not grow step after step
