@@ -1,6 +1,10 @@
 """Parallel efficiency on this machine: tokens/s of dp=2 (plain, and with ZeRO-1), tp=2 and pp=2
 (two ranks, threads per rank chosen by the launcher's rule: cores / ranks) against dp=1 (one rank,
 one thread) at the same global batch; dp=1 with every core (`dp1-allcores`) is printed beside it.
+`dp2-nosync` is a ceiling, not a training run: dp=2 whose ranks never average their gradients (no
+all-reduce, no per-step vote), so each rank runs at its own pace between the windows' barriers; the
+gap between it and dp2 is what the per-step synchronization costs (transfer, plus the faster rank
+waiting for the slower one in every step).
 
 Every layout is a real training job (a Trainer per rank: DeepSpeed engine, our data),
 started once and kept alive while it is measured (dp=1 throughout); a job waiting for its turn
@@ -30,6 +34,7 @@ import common  # noqa: E402
 LAYOUTS = {
     "dp1": (1, 1, 1, 1, 1, 1),
     "dp2": (2, 1, 1, 2, None, 0),
+    "dp2-nosync": (2, 1, 1, 2, None, 0),
     "dp2-zero1": (2, 1, 1, 2, None, 1),
     "tp2": (2, 2, 1, 1, None, 1),
     "pp2": (2, 1, 2, 4, None, 1),   # 4 micro-batches per step so the pipeline can overlap them
@@ -56,6 +61,10 @@ def worker(args) -> int:
                             micro_batch=max(1, micro // divisor), global_batch=micro,
                             steps=args.total_steps, cache_dir=args.cache_dir)
     full = common.FullStack(common.load(sets, world))
+    if args.layout == "dp2-nosync":  # neither the trainer's nor DeepSpeed's gradient all-reduce
+        full.trainer.sync_gradients = None
+        full.trainer.engine.enable_backward_allreduce = False
+        full.trainer.stop_requested = lambda: False  # its fallback would be a collective per step
     rank = dist.get_rank()
 
     def command() -> list:
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="small,medium", help="comma list of: " + ", ".join(common.SIZES))
     parser.add_argument("--family", default="gpt2", choices=list(common.FAMILIES))
-    parser.add_argument("--layouts", default="dp1,dp2,dp2-zero1,tp2,pp2,dp1-allcores", help="comma list of: " + ", ".join(LAYOUTS))
+    parser.add_argument("--layouts", default="dp1,dp2,dp2-nosync,dp2-zero1,tp2,pp2,dp1-allcores", help="comma list of: " + ", ".join(LAYOUTS))
     parser.add_argument("--rounds", type=int, default=7, help="quiet window pairs (layout, dp1) per layout (median)")
     parser.add_argument("--max-rounds", type=int, default=None, help="rounds to try at most (default: 3 x --rounds)")
     parser.add_argument("--steps", type=int, default=None, help="steps per window (default: per size)")

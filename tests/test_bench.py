@@ -35,10 +35,10 @@ def test_train_throughput(data_cache):
 
 
 def test_scaling(data_cache):
-    line = bench("scaling.py", "--sizes", "small", "--layouts", "dp1,dp2,pp2", "--rounds", "1", "--max-rounds", "1",
+    line = bench("scaling.py", "--sizes", "small", "--layouts", "dp1,dp2,dp2-nosync,pp2", "--rounds", "1", "--max-rounds", "1",
                  "--steps", "1", "--warmup", "1", "--cache-dir", str(data_cache))
     assert line.startswith("scaling:"), line
-    for layout in ("dp2", "pp2"):
+    for layout in ("dp2", "dp2-nosync", "pp2"):
         assert re.search(rf"{layout} x[0-9.]+", line), (layout, line)
 
 
