@@ -448,6 +448,28 @@ def interleave(runners: dict[str, object], steps_per_window: int, windows: int, 
     return Pairs(timed, quiet, busy=len(quiet) < max(1, windows // 2))
 
 
+def single_thread_jitter(repeats: int = 30, size: int = 384, matmuls: int = 40) -> float:
+    """Standard deviation over median of the time of one fixed single-thread matmul workload
+    (~50 ms), repeated: how much identical steps of one rank vary on this machine by itself.
+    A synchronous step costs the slower rank's time, so this noise is paid at every all-reduce."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        times = []
+        for _ in range(repeats + 3):
+            begin = time.perf_counter()
+            for _ in range(matmuls):
+                torch.mm(a, b)
+            times.append(time.perf_counter() - begin)
+    finally:
+        torch.set_num_threads(threads)
+    times = times[3:]
+    return statistics.pstdev(times) / statistics.median(times)
+
+
 def machine_state() -> str:
     """Load average and cores: other work on the machine shows up here."""
     try:

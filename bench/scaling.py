@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     started = time.perf_counter()
+    jitter = common.single_thread_jitter()
+    print(f"single-thread jitter: a fixed matmul workload varies by {jitter:.1%} (sd/median) here",
+          file=sys.stderr, flush=True)
     log_dir = tempfile.mkdtemp(prefix="megatron-gpt-scaling-")
     results = []
     for size in args.sizes.split(","):
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"{result['size']}: dp1 {result['layouts']['dp1']['tokens_per_sec']:,.0f} tokens/s, "
                      f"{ratios}{busy}")
     print(f"scaling: tokens/s over dp1 (1 rank x 1 thread), same global batch: {' | '.join(parts)} | "
-          f"{common.machine_state()}, {time.perf_counter() - started:.0f}s", flush=True)
+          f"{common.machine_state()}, single-thread jitter {jitter:.1%}, {time.perf_counter() - started:.0f}s",
+          flush=True)
     return 0
 
 

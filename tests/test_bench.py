@@ -40,6 +40,7 @@ def test_scaling(data_cache):
     assert line.startswith("scaling:"), line
     for layout in ("dp2", "dp2-nosync", "pp2"):
         assert re.search(rf"{layout} x[0-9.]+", line), (layout, line)
+    assert re.search(r"single-thread jitter [0-9.]+%", line), line
 
 
 def test_mfu(data_cache):
