@@ -40,7 +40,7 @@ LAYOUTS = {
     "pp2": (2, 1, 2, 4, None, 1),   # 4 micro-batches per step so the pipeline can overlap them
     "dp1-allcores": (1, 1, 1, 1, None, 1),
 }
-DEFAULT_STEPS = {"small": 10, "medium": 2}
+DEFAULT_STEPS = {"small": 30, "medium": 2}  # windows of ~3 s: 10-step small windows (~1 s) were too noisy
 
 
 # ----------------------------------------------------------------------------- worker (every rank)
