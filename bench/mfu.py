@@ -1,10 +1,10 @@
 """Model FLOPs utilization: the model FLOP/s a full-stack training step achieves (Megatron's count,
-megatron_gpt.training.flops: 3 x forward, attention over the full sequence, padded vocabulary)
+megatron_gpt.training.observe.flops: 3 x forward, attention over the full sequence, padded vocabulary)
 over the FLOP/s of one large matmul timed in the same process, window after window in
 alternating order, on the same threads: MFU against what this machine measurably does.
 
 On a GPU (--device cuda, bf16) it reports MFU against the device's dense bf16 peak
-(megatron_gpt.training.flops.PEAK_TFLOPS_16BIT, or --peak-tflops), with the measured bf16 matmul
+(megatron_gpt.training.observe.flops.PEAK_TFLOPS_16BIT, or --peak-tflops), with the measured bf16 matmul
 beside it.
 
     python bench/mfu.py                                    # CPU: small and medium, GPT-2 style
@@ -69,7 +69,7 @@ def measure(size: str, args) -> dict:
 
     from megatron_gpt.config import padded_vocab_size
     from megatron_gpt.data.tokenizer import build_tokenizer
-    from megatron_gpt.training.flops import peak_flops, training_flops_per_token
+    from megatron_gpt.training.observe.flops import peak_flops, training_flops_per_token
 
     cuda = args.device == "cuda"
     steps = args.steps or DEFAULT_STEPS[size]

@@ -62,7 +62,7 @@ def worker(args) -> int:
                             steps=args.total_steps, cache_dir=args.cache_dir)
     full = common.FullStack(common.load(sets, world))
     if args.layout == "dp2-nosync":  # neither the trainer's nor DeepSpeed's gradient all-reduce
-        full.trainer.sync_gradients = None
+        full.trainer.gradients.sync = None
         full.trainer.engine.enable_backward_allreduce = False
         full.trainer.stop_requested = lambda: False  # its fallback would be a collective per step
     rank = dist.get_rank()
@@ -98,12 +98,13 @@ class Job:
 
     def __init__(self, name: str, args, log_dir: str):
         world, tensor, pipeline, _, threads, _ = LAYOUTS[name]
-        from megatron_gpt.launcher import threads_per_rank
+        from megatron_gpt.parallel.cpu.threads import threads_per_rank
 
         cfg = common.load(common.overrides(args.size, args.family, world=world, tensor=tensor,
                                            pipeline=pipeline, global_batch=common.SIZES[args.size][4],
                                            micro_batch=1), world)
-        self.threads = threads or threads_per_rank(cfg)  # the launcher's rule: cores / local ranks
+        local = {"LOCAL_WORLD_SIZE": str(cfg.launcher.nproc_per_node)}  # the launcher's rule: cores / local ranks
+        self.threads = threads or threads_per_rank(local, cfg.launcher.threads_per_rank)
         self.name = name
         port = str(common.free_port())
         script = os.path.abspath(__file__)

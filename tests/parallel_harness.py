@@ -34,7 +34,7 @@ def full_gradients(engine, model) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_grad
     from megatron.core import parallel_state
 
-    from megatron_gpt.training.engine import canonical_names
+    from megatron_gpt.model.names import canonical_names
 
     names = canonical_names(model)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -57,8 +57,8 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
     from megatron.core import parallel_state
 
     from megatron_gpt.config import load_config
-    from megatron_gpt.training import loop
-    from megatron_gpt.training.loop import Trainer
+    from megatron_gpt.training import gradients
+    from megatron_gpt.training.trainer import Trainer
 
     layout_dir = out / f"{family}-tp{tensor}-pp{pipeline}-z{zero}"
     overrides = FAMILIES[family] + [
@@ -71,9 +71,9 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
     trainer = Trainer(cfg)
     engine = trainer.engine
     if dist.get_rank() == 0:  # which code all-reduced the gradients (tests assert the intended one ran)
-        (layout_dir / "gradient-sync.txt").write_text("shared memory" if trainer.sync_gradients else "engine")
+        (layout_dir / "gradient-sync.txt").write_text(trainer.gradients.reducer)
     take_step = engine._take_model_step  # the one place both engines pass through before stepping
-    clip = loop.clip_gradients  # where the trainer clips itself (fp32 without ZeRO), before that
+    clip = gradients.clip_gradients  # where the trainer clips itself (fp32 without ZeRO), before that
     captured = []
 
     def capture() -> None:
@@ -92,12 +92,12 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
         return clip(*args, **kwargs)
 
     engine._take_model_step = capture_then_step
-    loop.clip_gradients = capture_then_clip
+    gradients.clip_gradients = capture_then_clip
     dist.barrier()
     try:
         trainer.run()
     finally:
-        loop.clip_gradients = clip
+        gradients.clip_gradients = clip
     trainer = engine = take_step = None  # closures hold these cells: free the model before the next layout
     gc.collect()
     dist.barrier()
@@ -107,7 +107,7 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
 def main() -> None:
     warnings.filterwarnings("ignore")
     out, family, layouts = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    from megatron_gpt.distributed import init_distributed
+    from megatron_gpt.parallel.groups import init_distributed
 
     init_distributed(1, 1, "cpu")
     for layout in layouts:

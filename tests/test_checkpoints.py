@@ -47,8 +47,8 @@ def harness(jobs_file: str) -> None:
     from megatron.core import parallel_state
 
     from megatron_gpt.config import load_config
-    from megatron_gpt.distributed import init_distributed
-    from megatron_gpt.training.loop import Trainer
+    from megatron_gpt.parallel.groups import init_distributed
+    from megatron_gpt.training.trainer import Trainer
 
     init_distributed(1, 1, "cpu")
     world = dist.get_world_size()
@@ -164,7 +164,7 @@ DIE_DURING_SAVE = textwrap.dedent('''
 
 def test_a_save_killed_midway_leaves_latest_on_the_previous_checkpoint(tmp_path, data_cache):
     from megatron_gpt.config import load_config
-    from megatron_gpt.training import checkpoint
+    from megatron_gpt import checkpoint
 
     ckpt = tmp_path / "ckpt"
     hooks = tmp_path / "hooks"

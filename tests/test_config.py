@@ -20,7 +20,7 @@ from megatron_gpt.config import (
     load_config,
     padded_vocab_size,
 )
-from megatron_gpt.config.commands import register
+from megatron_gpt.cli.config import register
 
 BASE = """\
 name: base
@@ -409,7 +409,7 @@ def test_config_deepspeed_prints_json(base, capsys):
 
 
 def test_config_package_does_not_import_torch():
-    code = ("import sys, megatron_gpt.config, megatron_gpt.config.commands; "
+    code = ("import sys, megatron_gpt.config, megatron_gpt.cli.config; "
             "bad = [m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout

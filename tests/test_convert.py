@@ -114,7 +114,7 @@ def greedy_hf(model, prompt: list[int], steps: int) -> list[int]:
 
 
 def greedy_ours(loaded, prompt: list[int], steps: int) -> list[int]:
-    from megatron_gpt.generation import SamplingOptions, generate
+    from megatron_gpt.model.sampling import SamplingOptions, generate
 
     return generate(loaded.model, prompt, SamplingOptions(max_new_tokens=steps, temperature=0.0),
                     loaded.tokenizer.vocab_size, loaded.context_length)
@@ -125,7 +125,7 @@ def test_export_matches_transformers(work, family, layout, single_process_group)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_gpt.convert.hf import export_hf
-    from megatron_gpt.inference import load_checkpoint
+    from megatron_gpt.checkpoint.reader import load_checkpoint
 
     tmp, _ = work
     save_dir = tmp / f"ckpt-{family}-{layout}"
@@ -158,7 +158,7 @@ def test_import_roundtrip_and_training_from_it(work, family, single_process_grou
 
     from megatron_gpt.config import padded_vocab_size
     from megatron_gpt.convert.hf import export_hf, read_checkpoint
-    from megatron_gpt.inference import load_checkpoint
+    from megatron_gpt.checkpoint.reader import load_checkpoint
     from megatron_gpt.model import GPT, parallel_config, masked_mean
 
     tmp, output = work

@@ -486,7 +486,7 @@ def test_prepare_embedded_concurrent(tmp_path):
 
 
 def test_cli_preprocess_inspect_merge(tmp_path, corpus, tokenizers, capsys):
-    from megatron_gpt.data import commands
+    from megatron_gpt.cli import data as commands
 
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers())
@@ -540,16 +540,17 @@ def test_neox_wrapper(tmp_path, gpt2_files, tokenizers, texts):
 
 
 def test_commands_import_is_light():
-    code = "import sys, megatron_gpt.data.commands; assert not {'torch', 'megatron', 'deepspeed'} & set(sys.modules)"
+    code = "import sys, megatron_gpt.cli.data; assert not {'torch', 'megatron', 'deepspeed'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
-    from megatron_gpt.data import commands, tokenizer
+    from megatron_gpt.cli import data as commands
+    from megatron_gpt.data import tokenizer
 
     assert commands.TOKENIZER_TYPES == tokenizer.TOKENIZER_TYPES
 
 
 def test_preprocess_does_not_import_torch_or_megatron(tmp_path, corpus):
     """Start-up is part of preprocessing's speed: torch + megatron-core take seconds to import."""
-    code = ("import sys; from megatron_gpt.data.commands import run_preprocess; from megatron_gpt.cli import main; "
+    code = ("import sys; from megatron_gpt.cli.data import run_preprocess; from megatron_gpt.cli import main; "
             f"main(['preprocess', '--input', {str(corpus)!r}, '--output-prefix', {str(tmp_path / 'o')!r}, "
             "'--tokenizer-type', 'embedded', '--quiet']); "
             "assert not {'torch', 'megatron'} & set(sys.modules), 'heavy import'")

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yml"
 
-TASKS_DIR = REPO / "megatron_gpt" / "eval_tasks"
+TASKS_DIR = REPO / "megatron_gpt" / "inference" / "eval_tasks"
 BUNDLED = {"shakespeare_next_line": "multiple_choice", "shakespeare_ppl": "loglikelihood_rolling",
            "shakespeare_complete": "generate_until"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -100,8 +100,8 @@ def test_eval_scores_every_document_offline(checkpoint, tmp_path):
 
 @pytest.fixture(scope="module")
 def lm(checkpoint):
-    from megatron_gpt.evaluation import make_lm
-    from megatron_gpt.inference import load_checkpoint
+    from megatron_gpt.inference.lm_eval_adapter import make_lm
+    from megatron_gpt.checkpoint.reader import load_checkpoint
 
     return make_lm(load_checkpoint(checkpoint), batch_size=3)
 
@@ -154,7 +154,7 @@ def test_adapter_scores_match_the_model(lm):
 
 
 def test_adapter_generates_greedily_until_a_stop_string(lm):
-    from megatron_gpt.generation import sample
+    from megatron_gpt.model.sampling import sample
 
     prompt = "ROMEO.\nBut soft, what light"
     (free,) = lm.generate_until(requests((prompt, {"until": ["\x00"], "max_gen_toks": 24})))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.generation import SamplingOptions, generate
+from megatron_gpt.model.sampling import SamplingOptions, generate
 from megatron_gpt.model import GPT, KVCache, parallel_config
 
 VOCAB = 128

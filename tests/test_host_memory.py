@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """
 import resource, sys, torch
-from megatron_gpt import host_memory
+from megatron_gpt.parallel.cpu import host_memory
 kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else 0
 def rss_mib():
     return next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))

@@ -30,7 +30,7 @@ def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_every_layout_loads_into_the_same_model(train, tmp_path):
-    from megatron_gpt.inference import CheckpointError, load_checkpoint
+    from megatron_gpt.checkpoint.reader import CheckpointError, load_checkpoint
     from megatron_gpt.model import GPT, parallel_config
 
     loaded, folders = {}, {}

@@ -162,7 +162,7 @@ def test_dry_run_pdsh_4_nodes_x_8_gpus(tmp_path):
 
 def test_dry_run_pdsh_include_exclude_and_a_hostfile_that_does_not_fit(tmp_path):
     from megatron_gpt.config import load_config
-    from megatron_gpt.launch.commands import LaunchError, plan
+    from megatron_gpt.launch.plans import LaunchError, plan
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("a slots=2\nb slots=2\nc slots=2\n")

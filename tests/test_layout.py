@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("single_process_group")
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_counts_sum_to_the_single_process_model(family):
-    from megatron_gpt.layout import layer_counts, layout_report
+    from megatron_gpt.training.layout_report import layer_counts, layout_report
     from megatron_gpt.model import GPT, parallel_config
 
     cfg = load_config([TINY], FAMILIES[family] + ["parallelism.tensor=2", "parallelism.pipeline=2"], world_size=4)

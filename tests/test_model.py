@@ -92,7 +92,7 @@ def test_evaluate_bits_per_byte_of_a_uniform_model():
     import math
 
     from megatron_gpt.data.datasets import SampleOrder
-    from megatron_gpt.training.evaluate import eval_batches, evaluate, module_summed_nats
+    from megatron_gpt.training.validation import eval_batches, evaluate, module_summed_nats
 
     class Uniform(torch.nn.Module):
         def forward(self, tokens):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.training.flops import forward_flops_per_token, training_flops_per_token
+from megatron_gpt.training.observe.flops import forward_flops_per_token, training_flops_per_token
 
 
 def test_flops_match_a_hand_count():

@@ -22,7 +22,7 @@ HARNESS = REPO / "tests" / "parallel_harness.py"
 # (tensor, pipeline, zero); data parallel is 4 / (tensor x pipeline).
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (2, 1, 2), (2, 1, 3), (1, 2, 1), (2, 2, 1), (4, 1, 0)]
 # Plain data parallelism over 2 ranks, one thread each: on a host with 2 cores the gradients go
-# through DeepSpeed's shared-memory all-reduce (megatron_gpt/shared_memory.py), not the engine.
+# through DeepSpeed's shared-memory all-reduce (megatron_gpt/parallel/cpu/shared_memory.py), not the engine.
 SHARED_MEMORY_LAYOUT = (1, 1, 0)
 FAMILIES = ["llama", "neox"]
 

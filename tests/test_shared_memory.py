@@ -1,4 +1,4 @@
-"""The shared-memory all-reduce decision (megatron_gpt/shared_memory.py): every rank must agree, and
+"""The shared-memory all-reduce decision (megatron_gpt/parallel/cpu/shared_memory.py): every rank must agree, and
 it is only taken where DeepSpeed's kernel can run (one host, a core per thread, room in /dev/shm).
 The 2-rank training runs that use it are in tests/test_parallelism.py."""
 
@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from megatron_gpt import shared_memory
+from megatron_gpt.parallel.cpu import shared_memory
 
 
 class FakeGroup:
@@ -89,10 +89,10 @@ def test_segment_name_is_deepspeeds(monkeypatch):
 
 SYNC = """
 import os, signal, sys, torch
-from megatron_gpt import shared_memory
-from megatron_gpt.distributed import init_distributed
+from megatron_gpt.parallel.cpu import shared_memory
+from megatron_gpt.parallel.groups import init_distributed
 from megatron_gpt.training import preemption
-from megatron_gpt.training.engine import GradientSync
+from megatron_gpt.training.gradients import GradientSync
 rank = init_distributed(1, 1, "cpu").rank
 params = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(2))]
 sync, watcher = GradientSync(params, 2), preemption.watch()
@@ -105,7 +105,7 @@ for step in range(2):
         os.kill(os.getpid(), signal.SIGUSR1)
     sync(stop_vote=watcher.received is not None)
     votes.append(sync.stop_votes)
-print("RESULT", shared_memory.active(), votes, params[0].grad.tolist(), params[1].grad.tolist(),
+print("RESULT", shared_memory.running(), votes, params[0].grad.tolist(), params[1].grad.tolist(),
       params[2].grad.tolist(), params[0].grad.data_ptr() == sync.grads.data_ptr(), flush=True)
 """
 
@@ -136,8 +136,8 @@ def test_gradient_sync_averages_into_one_buffer_and_carries_the_stop_votes():
 
 
 def test_clipping_the_flat_buffer_equals_torchs_clipping():
-    from megatron_gpt.distributed import Topology
-    from megatron_gpt.training.engine import clip_gradients
+    from megatron_gpt.parallel.groups import Topology
+    from megatron_gpt.training.gradients import clip_gradients
 
     torch.manual_seed(0)
     topo = Topology(world_size=1, rank=0, local_rank=0, tensor=1, pipeline=1, data=1, tensor_rank=0,

@@ -18,7 +18,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_gpt.convert import commands  # noqa: E402
+from megatron_gpt.cli import convert as commands  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

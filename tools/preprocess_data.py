@@ -64,7 +64,7 @@ def tokenizer_config(args: argparse.Namespace):  # -> TokenizerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_gpt.data.commands import output_prefixes, run_preprocessing
+    from megatron_gpt.cli.data import output_prefixes, run_preprocessing
     from megatron_gpt.data.errors import DataError
     from megatron_gpt.data.tokenizer import build_tokenizer
 

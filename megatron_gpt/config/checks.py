@@ -7,6 +7,7 @@ import math
 import re
 from typing import Any, Mapping
 
+from .dims import ParallelDims
 from .errors import DEFAULT, ConfigError, Problem, yaml_value as _yaml_value
 from .schema import Config
 
@@ -101,18 +102,19 @@ def _check_layout(c: _Checks, world_size: int | None) -> None:
     cfg = c.cfg
     tp, pp, t = cfg.parallelism.tensor, cfg.parallelism.pipeline, cfg.training
     world = cfg.world_size if world_size is None else world_size
+    dims = ParallelDims(world, tp, pp)
     if world_size is None:
         world_desc = (f"world size {world} (launcher.nproc_per_node {cfg.launcher.nproc_per_node} x "
                       f"launcher.num_nodes {cfg.launcher.num_nodes})")
         world_fix = f"set launcher.nproc_per_node so the world size is a multiple of {tp * pp}"
     else:
         world_desc, world_fix = f"world size {world}", f"run with a world size that is a multiple of {tp * pp}"
-    if world < 1 or world % (tp * pp):
+    if not dims.valid:
         c.fail(c.blame("parallelism.tensor", "parallelism.pipeline", "launcher.nproc_per_node"),
                f"{world_desc} is not divisible by parallelism.tensor {tp} x parallelism.pipeline {pp} = {tp * pp}",
                f"{world_fix} (e.g. {_round_up(max(world, 1), tp * pp)}), or make tensor x pipeline divide {world}")
         return
-    dp = world // (tp * pp)
+    dp = dims.data
     unit = t.micro_batch_size * dp
     dp_desc = f"data-parallel {dp} ({world_desc} / (tensor {tp} x pipeline {pp})) = {unit}"
     gbs, ga = t.global_batch_size, t.gradient_accumulation_steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .dims import ParallelDims
 from .loader import ConfigError, layout_problems
 from .schema import Config
 
@@ -29,7 +30,7 @@ def batch_layout(cfg: Config, world_size: int | None = None) -> BatchLayout:
         raise ConfigError.of(problems)
     world = cfg.world_size if world_size is None else world_size
     tp, pp, t = cfg.parallelism.tensor, cfg.parallelism.pipeline, cfg.training
-    dp = world // (tp * pp)
+    dp = ParallelDims(world, tp, pp).data
     if t.global_batch_size is not None:
         ga = t.global_batch_size // (t.micro_batch_size * dp)
     else:

@@ -16,6 +16,6 @@ transformers and safetensors (the `hf` extra) are imported only by `hf` and the 
 functions, never by training.
 """
 
-from megatron_gpt.convert.names import UnsupportedOption
+from megatron_gpt.convert.adapter import UnsupportedOption
 
 __all__ = ["UnsupportedOption"]

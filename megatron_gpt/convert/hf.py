@@ -4,7 +4,7 @@
     import_hf("hf/llama", "imported/llama", tensor=2, pipeline=2)
 
 Export reads a checkpoint saved under any layout (tensor/pipeline/data parallel, ZeRO 0-3: the
-shards are merged by `megatron_gpt.inference.load_checkpoint`), or a layout-independent folder
+shards are merged by `megatron_gpt.checkpoint.reader.load_checkpoint`), or a layout-independent folder
 (an `import-hf` output), maps the canonical state dict through the architecture's adapter, cuts
 the padded vocabulary back to the tokenizer's, and writes safetensors (sharded above
 `max_shard_size`, with model.safetensors.index.json), config.json, generation_config.json and the
@@ -25,18 +25,18 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
+from megatron_gpt.checkpoint.reader import read_checkpoint
 from megatron_gpt.config.schema import Config, ModelConfig
 from megatron_gpt.convert import llama, neox
-from megatron_gpt.convert.names import Layout, UnsupportedOption, fit_rows
+from megatron_gpt.convert.adapter import Adapter, UnsupportedOption
+from megatron_gpt.model.names import Layout, fit_rows
 
-ADAPTERS: dict[str, ModuleType] = {"neox": neox, "llama": llama}
+ADAPTERS: dict[str, Adapter] = {"neox": neox, "llama": llama}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOD_TOKEN = "<|endoftext|>"
 _IGNORED_HF_KEYS = re.compile(r"(rotary_emb\.inv_freq|attention\.(masked_)?bias)$")
@@ -76,43 +76,6 @@ def infer_arch(cfg: ModelConfig) -> str:
 
 
 # --------------------------------------------------------------------------- reading our checkpoints
-
-
-@dataclass
-class Source:
-    """A checkpoint read for export: full fp32 tensors under canonical names (padded vocab)."""
-
-    cfg: Config
-    state: dict[str, torch.Tensor]
-    tokenizer: Any
-    path: Path
-    step: int
-
-
-def read_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Source:
-    """Any checkpoint: DeepSpeed files of any layout (via load_checkpoint), or a layout-independent folder."""
-    from megatron_gpt.data.tokenizer import build_tokenizer
-    from megatron_gpt.inference import load_checkpoint
-    from megatron_gpt.training.checkpoint import resolve_universal
-
-    path = Path(path)
-    has_deepspeed = any(path.glob("*model_states.pt")) or (path / "latest").is_file() or (tag and (path / tag).is_dir())
-    if not has_deepspeed:
-        try:
-            folder = resolve_universal(path)
-        except ValueError:
-            folder = None
-        if folder is not None:
-            from megatron_gpt.convert.universal import Universal
-
-            universal = Universal.open(folder)
-            cfg = Config.model_validate(universal.config)
-            state = {k: v.float() for k, v in universal.params().items()}
-            return Source(cfg, state, build_tokenizer(cfg.tokenizer), folder, universal.step)
-    loaded = load_checkpoint(path, tag)
-    names = loaded.model.canonical_names()
-    state = {names[name]: param.detach() for name, param in loaded.model.named_parameters()}
-    return Source(loaded.cfg, state, loaded.tokenizer, loaded.path, loaded.step)
 
 
 # --------------------------------------------------------------------------- export
@@ -156,7 +119,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_siz
     return names
 
 
-def hf_config(adapter: ModuleType, cfg: Config, vocab_size: int, tokenizer: Any, dtype: torch.dtype):
+def hf_config(adapter: Adapter, cfg: Config, vocab_size: int, tokenizer: Any, dtype: torch.dtype):
     """The transformers config object (built by the installed version's class, so config.json is
     in that version's format); rotary settings are checked after construction."""
     import transformers
@@ -308,7 +271,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
 
     from megatron_gpt.config import config_to_dict, padded_vocab_size
     from megatron_gpt.config.schema import TokenizerConfig
-    from megatron_gpt.convert.universal import write_meta, write_shard
+    from megatron_gpt.checkpoint.universal import write_meta, write_shard
     from megatron_gpt.data.tokenizer import build_tokenizer
 
     hf_dir, out = Path(hf_dir), Path(out).resolve()

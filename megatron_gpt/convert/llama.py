@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.convert.names import Layout, UnsupportedOption
+from megatron_gpt.convert.adapter import UnsupportedOption
+from megatron_gpt.model.names import Layout
 
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"

@@ -5,7 +5,6 @@ MASTER_PORT. torchrun and DeepSpeed's launcher already set those, and are left a
 from __future__ import annotations
 
 import fcntl
-import os
 import re
 import socket
 import struct
@@ -129,19 +128,3 @@ def discover(environ: MutableMapping[str, str], master_addr: str | None = None, 
         })
         local.Free()
     return how
-
-
-def local_world_size(environ: Mapping[str, str]) -> int:
-    """Ranks on this node, as torchrun, DeepSpeed's launcher, srun or mpirun report it."""
-    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
-        if environ.get(var, "").isdigit():
-            return max(1, int(environ[var]))
-    return 1
-
-
-def default_threads(environ: Mapping[str, str], threads_per_rank: int | None) -> int:
-    """torch/OMP threads per rank: launcher.threads_per_rank, else this node's cores / its ranks."""
-    if threads_per_rank:
-        return threads_per_rank
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_world_size(environ))

@@ -22,6 +22,7 @@ from torch import nn
 
 from megatron_gpt.config.schema import ModelConfig
 from megatron_gpt.model.layers import Block, ColumnLinear, KVCache, make_norm, normal_init
+from megatron_gpt.model.names import BLOCK, EMBEDDING, FINAL_NORM, OUTPUT, canonical_prefix, spec_order
 
 
 def parallel_config(tensor: int = 1, pipeline: int = 1, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
@@ -94,15 +95,10 @@ class LayerSpec:
 
 
 def layer_specs(cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig) -> list[LayerSpec]:
-    embed_tie = "embedding" if cfg.tie_embeddings else None
-    specs = [LayerSpec(Embedding, (cfg, vocab_size, parallel), tie_key=embed_tie)]
-    specs += [LayerSpec(Block, (cfg, parallel)) for _ in range(cfg.num_layers)]
-    specs.append(LayerSpec(FinalNorm, (cfg,)))
-    if cfg.tie_embeddings:
-        specs.append(LayerSpec(Embedding, (cfg, vocab_size, parallel), tie_key=embed_tie, method="logits"))
-    else:
-        specs.append(LayerSpec(OutputLayer, (cfg, vocab_size, parallel)))
-    return specs
+    """The spec order (model.names.spec_order) with each slot's class and arguments."""
+    built = {EMBEDDING: (Embedding, (cfg, vocab_size, parallel)), BLOCK: (Block, (cfg, parallel)),
+             FINAL_NORM: (FinalNorm, (cfg,)), OUTPUT: (OutputLayer, (cfg, vocab_size, parallel))}
+    return [LayerSpec(*built[slot.kind], tie_key=slot.tie_key, method=slot.method) for slot in spec_order(cfg)]
 
 
 def spec_seed(seed: int, position: int) -> int:
@@ -144,13 +140,12 @@ class GPT(nn.Module):
         self.vocab_size = vocab_size
 
     def canonical_names(self) -> dict[str, str]:
-        """Parameter name -> layout-independent name: `{spec position}.{name}`, or
-        `tied.{key}.{name}` for tied layers (the names a pipeline stage also maps to)."""
+        """Parameter name -> layout-independent name (model.names.canonical_prefix of the first
+        position that uses each module)."""
         names = {}
         for index, module in enumerate(self.layers):
             position = next(p for p, (m, _) in enumerate(self._calls) if m is module)
-            key = self.specs[position].tie_key
-            prefix = f"tied.{key}" if key else str(position)
+            prefix = canonical_prefix(position, self.specs[position].tie_key)
             names.update({f"layers.{index}.{name}": f"{prefix}.{name}" for name, _ in module.named_parameters()})
         return names
 

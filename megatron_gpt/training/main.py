@@ -32,11 +32,12 @@ def join_launch(configs: list[str], overrides: list[str]) -> str:
     DeepSpeed did not set them, launcher.env, threads; prints this rank's line. Returns the source."""
     from megatron_gpt.config.loader import resolve
     from megatron_gpt.launch import ranks
+    from megatron_gpt.parallel.cpu.threads import threads_per_rank
 
     launcher = resolve(configs, overrides)[0].launcher
     how = ranks.discover(os.environ, launcher.master_addr, launcher.master_port)
     os.environ.update(launcher.env)
-    os.environ.setdefault("OMP_NUM_THREADS", str(ranks.default_threads(os.environ, launcher.threads_per_rank)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(os.environ, launcher.threads_per_rank)))
     if how != "single":
         master, port = os.environ.get("MASTER_ADDR", "?"), int(os.environ.get("MASTER_PORT", "0") or 0)
         say_line(f"rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']} local_rank {os.environ.get('LOCAL_RANK', '0')} "
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from megatron_gpt.data.errors import DataError
-    from megatron_gpt.distributed import shutdown
-    from megatron_gpt.training.loop import train
+    from megatron_gpt.parallel.groups import shutdown
+    from megatron_gpt.training.trainer import train
 
     try:
         train(cfg, STARTED)

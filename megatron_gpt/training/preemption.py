@@ -2,9 +2,10 @@
 run exits with EXIT_CODE; relaunching resumes from that checkpoint (checkpoint.resume).
 
 The signal handler only records the signal. At each step boundary the ranks agree with one
-all-reduce (MAX of "did I get a signal"; where GradientSync all-reduces the gradients, the votes
-ride in that all-reduce instead: Trainer.stop_requested), so a signal that reached one rank stops
-them all at the same step, where they flush metrics, save collectively and raise :class:`Preempted`.
+all-reduce (MAX of "did I get a signal"; where the trainer all-reduces the gradients itself, the
+votes ride in that all-reduce instead: training.gradients.GradientPath), so a signal that reached
+one rank stops them all at the same step, where the Trainer flushes metrics, saves collectively and
+raises :class:`Preempted`. This module only watches; exit codes and signals are launch.protocol's.
 """
 
 from __future__ import annotations
@@ -13,12 +14,7 @@ import os
 import signal
 import sys
 
-EXIT_CODE = 75
-"""Exit code of a run stopped for preemption after saving (EX_TEMPFAIL: "try again later")."""
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-EXIT_FILE = "MEGATRON_GPT_EXIT_FILE"
-"""Set by the local launcher (torchrun treats a non-zero rank exit as a failure): ranks write
-EXIT_CODE there and exit 0, and the launcher exits with EXIT_CODE."""
+from megatron_gpt.launch.protocol import EXIT_CODE, EXIT_FILE, SIGNALS
 
 
 class Preempted(Exception):
@@ -64,22 +60,22 @@ class Watcher:
             print(f"rank {os.environ.get('RANK', '0')}: received {signal.Signals(signum).name}; "
                   "saving a checkpoint at the next step boundary", file=sys.stderr, flush=True)
 
-    def requested(self) -> bool:
+    def requested(self, shared_memory: bool = False) -> bool:
         """Collective over all ranks: True on every rank if any rank got a signal. Asked every step,
         so it stays on the host: through shared memory where every rank is on one CPU host (see
         shared_memory), else over the default group when that is gloo (CPU), else over a gloo
         group of the same ranks; an NCCL all-reduce plus .item() would make the host wait for
-        every queued kernel each step."""
+        every queued kernel each step. `shared_memory`: Topology.shared_memory."""
         import torch
         import torch.distributed as dist
 
-        from megatron_gpt import shared_memory
-
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.received is not None
-        if shared_memory.active():
+        if shared_memory:
+            from megatron_gpt.parallel.cpu.shared_memory import all_reduce
+
             flag = torch.tensor([0.0 if self.received is None else 1.0])
-            shared_memory.all_reduce(flag)
+            all_reduce(flag)
             return flag.item() > 0
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group())
@@ -108,27 +104,6 @@ def watch() -> Watcher:
         except ValueError:  # not the main thread (e.g. training called from a worker thread)
             pass
     return _watcher
-
-
-def stop(trainer, step: int):
-    """Flush metrics, save a checkpoint at `step` (unless one was just saved there), raise Preempted."""
-    from megatron_gpt.training import checkpoint
-
-    cfg = trainer.cfg
-    trainer.metrics.flush()
-    path = None
-    if cfg.checkpoint.save_dir:
-        if checkpoint.latest_tag(cfg.checkpoint.save_dir) == checkpoint.tag_for(step):
-            path = os.path.join(cfg.checkpoint.save_dir, checkpoint.tag_for(step))
-        else:
-            path = trainer.save(step)
-        trainer.say(f"preempted: saved checkpoint {path} at step {step}; exiting with code {EXIT_CODE}, "
-                    "relaunch to resume from it")
-    else:
-        trainer.say(f"preempted at step {step}: checkpoint.save_dir is not set, nothing saved; "
-                    f"exiting with code {EXIT_CODE}")
-    watch().ignore()
-    raise Preempted(step, path)
 
 
 def exit_code() -> int:

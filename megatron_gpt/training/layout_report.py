@@ -7,12 +7,12 @@ megatron-core's (tensor fastest, then data, then pipeline)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 
 from megatron_gpt.config.derive import engine_zero_stage
+from megatron_gpt.config.dims import ParallelDims
 from megatron_gpt.config.schema import Config, ModelConfig
+from megatron_gpt.model.names import BLOCK, EMBEDDING, FINAL_NORM, OUTPUT, spec_order
 
 MIB = 2**20
 
@@ -32,6 +32,7 @@ class LayerCount:
 
 
 def layer_counts(model: ModelConfig, vocab_size: int, tensor: int) -> list[LayerCount]:
+    """Parameters of each position of the spec list (model.names.spec_order) on one tensor rank."""
     from megatron_gpt.model.layers import ffn_size
 
     h = model.hidden_size
@@ -42,15 +43,16 @@ def layer_counts(model: ModelConfig, vocab_size: int, tensor: int) -> list[Layer
     qkv_out = (model.num_attention_heads + 2 * kv_heads) * head_dim
     ffn = ffn_size(model)
     mlp_in = (2 if model.activation == "swiglu" else 1) * (h * ffn + bias * ffn)
-    block = LayerCount("Block",
-                       sharded=(h * qkv_out + bias * qkv_out + model.num_attention_heads * head_dim * h + mlp_in
-                                + ffn * h) // tensor,
-                       replicated=2 * norm + 2 * bias * h)
     positions = model.seq_length * h if model.position_embedding == "learned" else 0
-    tie = "embedding" if model.tie_embeddings else None
-    embedding = LayerCount("Embedding", vocab_size * h // tensor, positions, tie)
-    head = embedding if model.tie_embeddings else LayerCount("OutputLayer", vocab_size * h // tensor, 0)
-    return [embedding, *[block] * model.num_layers, LayerCount("FinalNorm", 0, norm), head]
+    counts = {
+        EMBEDDING: lambda tie: LayerCount("Embedding", vocab_size * h // tensor, positions, tie),
+        BLOCK: lambda tie: LayerCount("Block", sharded=(h * qkv_out + bias * qkv_out + model.num_attention_heads
+                                                        * head_dim * h + mlp_in + ffn * h) // tensor,
+                                      replicated=2 * norm + 2 * bias * h),
+        FINAL_NORM: lambda tie: LayerCount("FinalNorm", 0, norm),
+        OUTPUT: lambda tie: LayerCount("OutputLayer", vocab_size * h // tensor, 0),
+    }
+    return [counts[slot.kind](slot.tie_key) for slot in spec_order(model)]
 
 
 def stage_bounds(cfg: Config, counts: list[LayerCount]) -> list[int]:
@@ -89,7 +91,8 @@ def describe(counts: list[LayerCount], start: int, stop: int) -> str:
 def layout_report(cfg: Config, world_size: int, vocab_size: int) -> tuple[str, int]:
     """The printed table and the total of unique parameters over all ranks of one replica."""
     tp, pp = cfg.parallelism.tensor, cfg.parallelism.pipeline
-    dp = world_size // (tp * pp)
+    dims = ParallelDims(world_size, tp, pp)
+    dp = dims.data
     counts = layer_counts(cfg.model, vocab_size, tp)
     bounds = stage_bounds(cfg, counts)
     first_stage_of = {}
@@ -106,7 +109,7 @@ def layout_report(cfg: Config, world_size: int, vocab_size: int) -> tuple[str, i
              f"{'param MiB':>10} {'grad MiB':>9} {'optim MiB':>10} {'total MiB':>10}"]
     unique_total = 0
     for rank in range(world_size):
-        tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
+        tp_rank, dp_rank, pp_rank = dims.coordinates(rank)
         start, stop = bounds[pp_rank], bounds[pp_rank + 1]
         layers, seen = [], set()
         for c in counts[start:stop]:
@@ -126,31 +129,3 @@ def layout_report(cfg: Config, world_size: int, vocab_size: int) -> tuple[str, i
                      f"{weights + grads + optimizer:>10.1f}")
     lines.append(f"unique parameters in one replica: {unique_total:,}")
     return "\n".join(lines), unique_total
-
-
-def _layout(args: argparse.Namespace) -> int:
-    from megatron_gpt.config import ConfigError, load_config, padded_vocab_size
-
-    try:
-        cfg = load_config(args.configs, args.overrides, world_size=args.world_size)
-        vocab = args.vocab_size
-        if vocab is None:
-            from megatron_gpt.data.tokenizer import build_tokenizer
-
-            vocab = build_tokenizer(cfg.tokenizer).vocab_size
-        world = args.world_size or cfg.world_size
-        print(layout_report(cfg, world, padded_vocab_size(vocab, cfg))[0])
-    except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("layout", help="print each rank's coordinates, layers, parameters and memory")
-    parser.add_argument("configs", nargs="+", help="YAML files, merged in order")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--world-size", type=int, default=None, help="ranks (default: launcher nodes x procs)")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="tokenizer vocabulary (default: read from the config's tokenizer)")
-    parser.set_defaults(func=_layout)

@@ -1,5 +1,5 @@
-"""Turns a resolved config into the command that starts every rank, and runs it. Builds and runs
-commands; never joins a process group itself (the commands live in `megatron_gpt.launch`)."""
+"""Runs a launch plan (launch.plans): the command that starts every rank, with signals forwarded
+and the preemption exit code passed back. Never joins a process group itself."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import tempfile
 
 from megatron_gpt.config.schema import Config
 from megatron_gpt.launch import environment
-from megatron_gpt.launch.commands import RANK_ENTRY, LaunchError, Plan, plan, rank_arguments, threads_per_rank
-from megatron_gpt.training.preemption import EXIT_CODE, EXIT_FILE, SIGNALS
+from megatron_gpt.launch.plans import RANK_ENTRY, LaunchError, Plan, plan, rank_arguments
+from megatron_gpt.launch.protocol import EXIT_CODE, EXIT_FILE, SIGNALS
 
-__all__ = ["RANK_ENTRY", "LaunchError", "launch", "describe", "rank_arguments", "threads_per_rank"]
+__all__ = ["RANK_ENTRY", "LaunchError", "launch", "describe", "rank_arguments"]
 
 
 def describe(p: Plan) -> str:

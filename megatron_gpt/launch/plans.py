@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from megatron_gpt.config.schema import Config
 from megatron_gpt.launch import environment
-from megatron_gpt.launch.ranks import default_threads
+from megatron_gpt.parallel.cpu.threads import threads_per_rank
 
 RANK_ENTRY = "megatron_gpt.training.main"
 HOSTFILE_TYPES = ("pdsh", "openmpi", "mvapich")
@@ -56,11 +56,6 @@ def rank_command(config_files: list[str], overrides: list[str]) -> list[str]:
     return [sys.executable, "-u", "-m", RANK_ENTRY, *rank_arguments(config_files, overrides)]
 
 
-def threads_per_rank(cfg: Config) -> int:
-    """Intra-op threads per local rank: this host's cores shared out, so ranks do not oversubscribe."""
-    return default_threads({"LOCAL_WORLD_SIZE": str(cfg.launcher.nproc_per_node)}, cfg.launcher.threads_per_rank)
-
-
 def _root_mpi_env() -> dict[str, str]:
     # Open MPI refuses to start as root (containers, CI) unless told it is intended.
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -77,7 +72,8 @@ def local_plan(cfg: Config, config_files: list[str], overrides: list[str]) -> Pl
                           "launcher.num_nodes to 1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={la.nproc_per_node}",
                "-m", RANK_ENTRY, *rank_arguments(config_files, overrides)]
-    env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg)), **la.env}
+    threads = threads_per_rank({"LOCAL_WORLD_SIZE": str(la.nproc_per_node)}, la.threads_per_rank)
+    env = {"OMP_NUM_THREADS": str(threads), **la.env}
     return Plan("local", command, env, [],
                 f"local: torchrun, {la.nproc_per_node} ranks on this host", signal_ranks=True)
 

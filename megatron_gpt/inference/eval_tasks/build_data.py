@@ -1,6 +1,6 @@
 """Rebuilds the bundled evaluation data from the embedded Shakespeare corpus (deterministic):
 
-    python -m megatron_gpt.eval_tasks.build_data
+    python -m megatron_gpt.inference.eval_tasks.build_data
 
 - shakespeare_next_line.jsonl: two lines of verse, then the true next line among four choices
   (the other three are lines of similar length from other works).

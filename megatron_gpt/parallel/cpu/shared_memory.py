@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_gpt.parallel.cpu import threads
+
 SHM_DIR = Path("/dev/shm")
 # DeepSpeed's csrc/cpu/comm/shm.cpp `struct allreduce_workspace`: two 1 MiB and two 32 MiB
 # buffers plus the state flags, one per rank.
 WORKSPACE_BYTES = 2 * 2**20 + 2 * 32 * 2**20 + 8
-_active = False
 
 
 def _host() -> tuple[str, str, int]:
@@ -36,7 +37,7 @@ def _host() -> tuple[str, str, int]:
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return threads.cores()
 
 
 def _free_bytes() -> int:
@@ -73,22 +74,22 @@ def segment_name(rank: int) -> str:
 
 
 def release(prepared: bool) -> None:
-    """Collective, after DeepSpeed's backend started: note whether the kernel runs, and unlink this
-    rank's segment once every rank has mapped every segment (the barrier)."""
-    global _active
+    """Collective, after DeepSpeed's backend started: unlink this rank's segment once every rank has
+    mapped every segment (the barrier)."""
     if not prepared:
         return
-    from deepspeed.comm import comm
-
-    backend = comm.cdb
-    _active = getattr(backend, "shm_comm_op", None) is not None and getattr(backend, "shm_vector_kernel_level", 0) >= 1
     dist.barrier()
     (SHM_DIR / segment_name(dist.get_rank())).unlink(missing_ok=True)
 
 
-def active() -> bool:
-    """Whether `all_reduce` runs over shared memory (else it is the default group's all-reduce)."""
-    return _active
+def running() -> bool:
+    """Whether DeepSpeed's kernel serves `all_reduce` in this process: `prepare` let it start (LOCAL_SIZE
+    is the world size, as DeepSpeed's backend read it) and the CPU has its fp32 vector kernel."""
+    from deepspeed.comm import comm
+
+    backend = comm.cdb
+    return (dist.is_initialized() and os.environ.get("LOCAL_SIZE") == str(dist.get_world_size())
+            and getattr(backend, "shm_comm_op", None) is not None and getattr(backend, "shm_vector_kernel_level", 0) >= 1)
 
 
 def all_reduce(tensor) -> None:

@@ -24,25 +24,27 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from megatron_gpt.checkpoint.errors import CheckpointError
+from megatron_gpt.checkpoint.restore import resolve_universal
+from megatron_gpt.checkpoint.universal import Universal
 from megatron_gpt.config import padded_vocab_size
 from megatron_gpt.config.schema import Config
 from megatron_gpt.data.tokenizer import Tokenizer, build_tokenizer
 from megatron_gpt.model import GPT, parallel_config
+from megatron_gpt.model.names import canonical_prefix
 
 _LAYER_FILE = re.compile(r"layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _MP_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 _ZERO3_MODEL_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; the message names the path and the fix."""
 
 
 @dataclass
@@ -99,7 +101,7 @@ def _client_state(folder: Path) -> dict:
         if "config" in state:
             return state
     raise CheckpointError(f"{folder}: no model-state file holds the run's config; fix: load a checkpoint "
-                          "written by `megatron-gpt train` (megatron_gpt.training.checkpoint.save)")
+                          "written by `megatron-gpt train` (megatron_gpt.checkpoint.store.save)")
 
 
 def ensure_single_process_groups() -> None:
@@ -126,8 +128,7 @@ def _pipeline_shards(folder: Path, model: GPT) -> dict[int, dict[str, torch.Tens
         if match is None:
             continue
         position, tp_rank = int(match.group(1)), int(match.group(2) or 0)
-        key = model.specs[position].tie_key
-        prefix = f"tied.{key}" if key else str(position)
+        prefix = canonical_prefix(position, model.specs[position].tie_key)
         for name, tensor in _load_tensors(file).items():
             if isinstance(tensor, torch.Tensor):  # megatron-core layers add `_extra_state: None`
                 shards.setdefault(tp_rank, {}).setdefault(f"{prefix}.{name}", tensor)
@@ -224,3 +225,34 @@ def load_checkpoint(path: str | Path, tag: str | None = None) -> Loaded:
             param.copy_(merged[name].to(param.dtype))
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, cfg=cfg, step=int(client["step"]), path=folder)
+
+
+@dataclass
+class Source:
+    """A checkpoint read for export: full fp32 tensors under canonical names (padded vocab)."""
+
+    cfg: Config
+    state: dict[str, torch.Tensor]
+    tokenizer: Any
+    path: Path
+    step: int
+
+
+def read_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Source:
+    """Any checkpoint: DeepSpeed files of any layout (via load_checkpoint), or a layout-independent folder."""
+    path = Path(path)
+    has_deepspeed = any(path.glob("*model_states.pt")) or (path / "latest").is_file() or (tag and (path / tag).is_dir())
+    if not has_deepspeed:
+        try:
+            folder = resolve_universal(path)
+        except ValueError:
+            folder = None
+        if folder is not None:
+            universal = Universal.open(folder)
+            cfg = Config.model_validate(universal.config)
+            state = {k: v.float() for k, v in universal.params().items()}
+            return Source(cfg, state, build_tokenizer(cfg.tokenizer), folder, universal.step)
+    loaded = load_checkpoint(path, tag)
+    names = loaded.model.canonical_names()
+    state = {names[name]: param.detach() for name, param in loaded.model.named_parameters()}
+    return Source(loaded.cfg, state, loaded.tokenizer, loaded.path, loaded.step)

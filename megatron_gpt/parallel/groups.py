@@ -1,4 +1,4 @@
-"""Process-group start-up and the one object that owns the run's topology.
+"""Process-group start-up and Topology: the run's ParallelDims plus this rank and its device.
 
 Rank order (tensor fastest, then data, then pipeline) is megatron-core parallel_state's, which
 is also DeepSpeed's PipeModelDataParallelTopology(axes pipe, data, model) order.
@@ -13,6 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_gpt.config.dims import ParallelDims
+from megatron_gpt.parallel.cpu import host_memory, shared_memory
+from megatron_gpt.parallel.cpu.threads import threads_per_rank
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class Topology:
     pipeline_rank: int
     data_rank: int
     device: torch.device
+    shared_memory: bool = False
+    """Whether DeepSpeed's shared-memory kernel serves all-reduces over the world (CPU, one host)."""
 
     @property
     def is_first(self) -> bool:
@@ -42,63 +48,10 @@ class Topology:
         return parallel_state.get_data_parallel_group()
 
 
-class DeepSpeedMPU:
-    """The `mpu` DeepSpeed asks for (pipeline=1): ZeRO partitions over megatron-core's
-    data-parallel group, and gradient norms are summed over its tensor-parallel group
-    (DeepSpeed counts a replicated parameter only on tensor rank 0)."""
-
-    def __init__(self):
-        from megatron.core import parallel_state
-
-        self._ps = parallel_state
-
-    def get_model_parallel_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_rank()
-
-    def get_model_parallel_world_size(self) -> int:
-        return self._ps.get_tensor_model_parallel_world_size()
-
-    def get_model_parallel_group(self):
-        return self._ps.get_tensor_model_parallel_group()
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return self._ps.get_tensor_model_parallel_src_rank()
-
-    def get_data_parallel_rank(self) -> int:
-        return self._ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return self._ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return self._ps.get_data_parallel_group()
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self.get_data_parallel_group())
-
-
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def cpu_threads(threads: int | None = None) -> int:
-    """Intra-op threads for this rank on CPU: `threads`, else OMP_NUM_THREADS (our launchers set
-    it), else this node's cores shared out over its ranks (LOCAL_WORLD_SIZE, as torchrun, srun or
-    mpirun report it): torch's own default, every core for every rank, oversubscribes a node."""
-    if threads:
-        return threads
-    configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    from megatron_gpt.launch.ranks import default_threads
-
-    return default_threads(os.environ, None)
 
 
 def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", threads: int | None = None,
@@ -108,11 +61,9 @@ def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", th
     import deepspeed
     from megatron.core import parallel_state
 
-    from megatron_gpt import host_memory, shared_memory
-
     device = pick_device(device_choice)
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(threads))
+        torch.set_num_threads(threads_per_rank(os.environ, threads))
         host_memory.keep_freed_memory()
     else:
         torch.cuda.set_device(device)
@@ -136,11 +87,11 @@ def init_distributed(tensor: int, pipeline: int, device_choice: str = "auto", th
     world = dist.get_world_size()
     return Topology(
         world_size=world, rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        tensor=tensor, pipeline=pipeline, data=world // (tensor * pipeline),
+        tensor=tensor, pipeline=pipeline, data=ParallelDims(world, tensor, pipeline).data,
         tensor_rank=parallel_state.get_tensor_model_parallel_rank(),
         pipeline_rank=parallel_state.get_pipeline_model_parallel_rank(),
         data_rank=parallel_state.get_data_parallel_rank(),
-        device=device,
+        device=device, shared_memory=device.type == "cpu" and shared_memory.running(),
     )
 
 

@@ -1,61 +1,33 @@
-"""`megatron-gpt generate CHECKPOINT`: sample from a checkpoint saved under any layout (its shards
-are merged into one process) from a prompt, a file of prompts, or interactively."""
+"""`megatron-gpt generate CHECKPOINT`: sample from a checkpoint saved under any layout from a prompt,
+a file of prompts, or interactively. Argument parsing only; inference.generate completes."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 
-def _read_prompts(path: str) -> list[str]:
-    """JSONL with a "prompt" (or "text") field per line, or plain text with one prompt per line."""
-    prompts = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.endswith(".jsonl"):
-            try:
-                record = json.loads(line)
-                prompts.append(record["prompt"] if "prompt" in record else record["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: expected a JSON object with a \"prompt\" field ({error}); "
-                                 "fix: write one {\"prompt\": \"...\"} per line") from error
-        else:
-            prompts.append(line)
-    return prompts
-
-
 def _generate(args: argparse.Namespace) -> int:
-    from megatron_gpt.generation import SamplingOptions, generate
-    from megatron_gpt.inference import load_checkpoint
+    from megatron_gpt.checkpoint.reader import load_checkpoint
+    from megatron_gpt.inference.generate import Completer, read_prompts
+    from megatron_gpt.model.sampling import SamplingOptions
 
     try:
-        prompts = _read_prompts(args.prompt_file) if args.prompt_file else []
+        prompts = read_prompts(args.prompt_file) if args.prompt_file else []
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     loaded = load_checkpoint(args.checkpoint, args.tag)
-    tokenizer, model_cfg = loaded.tokenizer, loaded.cfg.model
     options = SamplingOptions(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
-        stop_ids=() if args.no_stop_at_eod else (tokenizer.eod,), seed=args.seed)
-
-    def complete(prompt: str) -> str:
-        ids = generate(loaded.model, tokenizer.encode(prompt), options, tokenizer.vocab_size, model_cfg.seq_length,
-                       use_cache=not args.no_cache, decode=tokenizer.decode)
-        return tokenizer.decode(ids)
+        stop_ids=() if args.no_stop_at_eod else (loaded.tokenizer.eod,), seed=args.seed)
+    complete = Completer(loaded, options, use_cache=not args.no_cache)
 
     if args.prompt_file:
         output = Path(args.output or Path(args.prompt_file).with_suffix(".completions.jsonl"))
-        temporary = output.with_name(f".{output.name}.tmp{os.getpid()}")
-        with temporary.open("w", encoding="utf-8") as handle:
-            for prompt in prompts:
-                handle.write(json.dumps({"prompt": prompt, "completion": complete(prompt)}) + "\n")
-        os.replace(temporary, output)
+        complete.write_completions(prompts, output)
         print(f"wrote {len(prompts)} completions to {output}")
     elif args.prompt is not None:
         print(args.prompt + complete(args.prompt))

@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from megatron_gpt.config import batch_layout, config_to_dict, padded_vocab_size, trainer_clips_gradients
+from megatron_gpt.checkpoint import restore as checkpoint_restore, store as checkpoint_store
+from megatron_gpt.config import batch_layout, config_to_dict, padded_vocab_size
 from megatron_gpt.config.schema import Config
 from megatron_gpt.data.datasets import SampleOrder, build_datasets, byte_lengths_table, collate
 from megatron_gpt.data.embedded import default_cache_dir, prepare_embedded
 from megatron_gpt.data.tokenizer import build_tokenizer
-from megatron_gpt.distributed import Topology, barrier, init_distributed, seed_everything
-from megatron_gpt.generation import sample
-from megatron_gpt.model import masked_mean, token_losses
-from megatron_gpt.training import checkpoint, preemption
-from megatron_gpt.training.backends import Backends
-from megatron_gpt.training.engine import GradientSync, build_engine, build_model, clip_gradients, syncs_gradients_itself
-from megatron_gpt.training.evaluate import eval_batches, evaluate, module_summed_nats
-from megatron_gpt.training.flops import peak_flops, training_flops_per_token
-from megatron_gpt.training.metrics import MetricsLog, Throughput
-from megatron_gpt.training.plot import plot_metrics
-from megatron_gpt.training.profile import StepProfiler
+from megatron_gpt.launch.protocol import EXIT_CODE
+from megatron_gpt.model.sampling import sample
+from megatron_gpt.parallel.groups import Topology, barrier, init_distributed, seed_everything
+from megatron_gpt.training import preemption
+from megatron_gpt.training.engine import build_engine, build_model
+from megatron_gpt.training.gradients import GradientPath
+from megatron_gpt.training.observe.backends import Backends
+from megatron_gpt.training.observe.flops import peak_flops, training_flops_per_token
+from megatron_gpt.training.observe.metrics import MetricsLog, Throughput
+from megatron_gpt.training.observe.plot import plot_metrics
+from megatron_gpt.training.observe.profile import StepProfiler
+from megatron_gpt.training.runners import PipelineRunner, PlainRunner
+from megatron_gpt.training.validation import eval_batches, evaluate
 
 
 def dataset_prefixes(cfg: Config, topo: Topology, cache_dir: str) -> list[str]:
@@ -65,16 +69,15 @@ class Trainer:
         self.model = build_model(cfg, vocab_size, topo)
         # What the run starts from (a checkpoint in this or another layout, checkpoint.init_from, or
         # nothing); layout-independent weights go into each rank's slice before DeepSpeed wraps the model.
-        self.restore = checkpoint.plan_restore(cfg, topo)
+        self.restore = checkpoint_restore.plan_restore(cfg, topo)
         self.restore.load_weights(self.model, cfg, topo)
         self.engine = build_engine(self.model.to(topo.device), cfg, topo)
-        self.pipelined = topo.pipeline > 1
-        self.clips = trainer_clips_gradients(cfg, topo.data)
-        self.params = list(self.model.parameters())  # walking the module tree each step costs ~0.5 ms
-        self.sync_gradients = GradientSync(self.params, topo.data) if syncs_gradients_itself(cfg, topo) else None
-        self.last_grad_norm: torch.Tensor | None = None
-        self.group = topo.data_parallel_group
         self.stop = preemption.watch()
+        params = list(self.model.parameters())  # walking the module tree each step costs ~0.5 ms
+        self.gradients = GradientPath(cfg, topo, self.engine, params, self.stop)
+        self.runner = (PipelineRunner(self.engine, topo) if topo.pipeline > 1
+                       else PlainRunner(self.engine, topo, self.gradients))
+        self.group = topo.data_parallel_group
 
         self.order = SampleOrder(layout.micro_batch_size, layout.gradient_accumulation_steps, topo.data, topo.data_rank)
         steps = cfg.training.train_steps
@@ -103,7 +106,7 @@ class Trainer:
         self.say(f"world {topo.world_size} (tp {topo.tensor} x pp {topo.pipeline} x dp {topo.data}), "
                  f"{parameters:,} parameters on rank 0, global batch {layout.global_batch_size} x "
                  f"{cfg.model.seq_length} tokens, steps {self.start_step}->{steps}, "
-                 f"{'gradients all-reduced through shared memory, ' if self.sync_gradients else ''}"
+                 f"{'gradients all-reduced through shared memory, ' if self.gradients.sync else ''}"
                  f"set-up {time.perf_counter() - started:.1f}s")
 
     def micro_batches(self, step: int) -> list[dict]:
@@ -116,68 +119,30 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """One optimizer step: the step's loss (mean over its micro-batches) and the wall time of
         its phases in seconds (host time: on a GPU, kernels still queued are not in it)."""
-        clock = time.perf_counter
-        started = clock()
+        started = time.perf_counter()
         batches = self.micro_batches(step)
-        loaded = clock()
-        if self.pipelined:
-            loss = self.engine.train_batch(iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches]))
-            return loss, {"data": loaded - started, "pipeline": clock() - loaded}
-        step_loss = torch.zeros((), device=self.topo.device)
-        forward_backward = optimizer = 0.0
-        for batch in batches:
-            begin = clock()
-            logits = self.engine(batch["tokens"])
-            loss = masked_mean(token_losses(logits, batch["labels"], self.topo.tensor), batch["loss_mask"])
-            self.engine.backward(loss)
-            middle = clock()
-            if self.engine.is_gradient_accumulation_boundary():
-                if self.sync_gradients is not None:
-                    self.sync_gradients(stop_vote=self.stop.received is not None)
-                if self.clips:
-                    self.last_grad_norm = clip_gradients(
-                        self.params, self.cfg.training.gradient_clipping, self.topo,
-                        flat=self.sync_gradients.grads if self.sync_gradients is not None else None)
-            self.engine.step()
-            forward_backward += middle - begin
-            optimizer += clock() - middle
-            step_loss += loss.detach()
-        return step_loss / len(batches), {"data": loaded - started, "forward_backward": forward_backward,
-                                          "optimizer": optimizer}
+        loaded = time.perf_counter()
+        loss, timings = self.runner.train_step(batches)
+        return loss, {"data": loaded - started, **timings}
 
     def stop_requested(self) -> bool:
-        """Whether any rank got a preemption signal (the same answer on every rank): from the
-        step's gradient all-reduce where GradientSync carried the votes, else a collective."""
-        if self.sync_gradients is not None:
-            return self.sync_gradients.stop_votes > 0
-        return self.stop.requested()
+        """Whether any rank got a preemption signal (the same answer on every rank)."""
+        return self.gradients.stop_requested()
 
     def grad_norm(self):
         """The last step's global gradient norm (before clipping), or None where nothing keeps it."""
-        return self.last_grad_norm if self.clips else self.engine.get_global_grad_norm()
-
-    def summed_nats(self, batches: list[dict]) -> torch.Tensor:
-        if not self.pipelined:
-            return module_summed_nats(self.engine, self.topo.tensor)(batches)
-        loss_fn = self.engine.module.loss_fn
-        loss_fn.summed = True
-        try:  # eval_batch averages the per-micro-batch sums over micro-batches and data ranks
-            mean = self.engine.eval_batch(iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches]),
-                                          num_micro_batches=len(batches))
-        finally:
-            loss_fn.summed = False
-        return mean.double().cpu() * len(batches)
+        return self.gradients.grad_norm()
 
     def evaluate(self, step: int) -> dict:
         self.metrics.flush()  # backends such as wandb need steps in order: training rows first
-        result = evaluate(self.summed_nats, self.valid_batches, self.byte_lengths, self.group)
+        result = evaluate(self.runner.summed_nats, self.valid_batches, self.byte_lengths, self.group)
         self.metrics.write([{"step": step, **result}])
         self.say(f"step {step:>6}/{self.cfg.training.train_steps} | validation loss {result['val_loss']:.4f} | "
                  f"validation bits per byte {result['val_bpb']:.4f}")
         return result
 
     def save(self, step: int) -> str:
-        return checkpoint.save(self.engine, self.cfg, step, step * self.layout.global_batch_size,
+        return checkpoint_store.save(self.engine, self.cfg, step, step * self.layout.global_batch_size,
                                model=self.model, topo=self.topo, tokenizer=self.tokenizer)
 
     def run(self) -> dict:
@@ -200,7 +165,7 @@ class Trainer:
             if save_every and done % save_every == 0 and done != steps:
                 self.save(done)
             if done != steps and self.stop_requested():  # a signal on any rank: all stop here
-                preemption.stop(self, done)  # flush, save, raise Preempted
+                self.stop_for_preemption(done)
         trained = steps - self.start_step
         if trained:
             seconds = time.perf_counter() - train_started
@@ -213,6 +178,22 @@ class Trainer:
         self.generate_samples()
         self.finish()
         return result
+
+    def stop_for_preemption(self, step: int):
+        """Flush metrics, save a checkpoint at `step` (unless one was just saved there), raise Preempted."""
+        save_dir = self.cfg.checkpoint.save_dir
+        self.metrics.flush()
+        path = None
+        if save_dir:
+            just_saved = checkpoint_store.latest_tag(save_dir) == checkpoint_store.tag_for(step)
+            path = os.path.join(save_dir, checkpoint_store.tag_for(step)) if just_saved else self.save(step)
+            self.say(f"preempted: saved checkpoint {path} at step {step}; exiting with code {EXIT_CODE}, "
+                     "relaunch to resume from it")
+        else:
+            self.say(f"preempted at step {step}: checkpoint.save_dir is not set, nothing saved; "
+                     f"exiting with code {EXIT_CODE}")
+        self.stop.ignore()
+        raise preemption.Preempted(step, path)
 
     def finish(self) -> None:
         """Rank 0: the loss-curve PNG and closing the logging backends."""
@@ -227,7 +208,7 @@ class Trainer:
         cfg = self.cfg.training
         if not cfg.generate_samples:
             return
-        if self.pipelined:
+        if not self.runner.can_sample:
             self.say("(samples skipped: sampling runs on pipeline=1 models)")
             return
         prompt = self.tokenizer.encode(cfg.generate_prompt)
