@@ -4,7 +4,7 @@ run starts from (`restore`), and reading any checkpoint as one model (`reader`).
 
 from megatron_gpt.checkpoint.errors import CheckpointError
 from megatron_gpt.checkpoint.restore import Restore, find_resume, plan_restore, resolve_universal
-from megatron_gpt.checkpoint.store import complete_checkpoints, latest_tag, save, tag_for
+from megatron_gpt.checkpoint.store import METADATA, complete_checkpoints, latest_tag, save, tag_for
 
-__all__ = ["CheckpointError", "Restore", "complete_checkpoints", "find_resume", "latest_tag", "plan_restore",
+__all__ = ["METADATA", "CheckpointError", "Restore", "complete_checkpoints", "find_resume", "latest_tag", "plan_restore",
            "resolve_universal", "save", "tag_for"]
