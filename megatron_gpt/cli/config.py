@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
 
+from megatron_gpt.cli.guard import expected
 from megatron_gpt.config.deepspeed import deepspeed_config
 from megatron_gpt.config.loader import ConfigError, load_config_with_origins
 from megatron_gpt.config.show import header, to_yaml
@@ -24,11 +25,11 @@ def register(subparsers: Any) -> None:
     _add_common(show)
     show.add_argument("--doc", action="store_true",
                       help="add each field's description (and the file/line that set it) as comments")
-    show.set_defaults(func=_guarded(_show))
+    show.set_defaults(func=_show)
 
     ds = sub.add_parser("deepspeed", help="print the DeepSpeed config JSON")
     _add_common(ds)
-    ds.set_defaults(func=_guarded(_deepspeed))
+    ds.set_defaults(func=_deepspeed)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +45,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
+@expected(ConfigError)
 def _show(args: argparse.Namespace) -> int:
     cfg, origins = load_config_with_origins(args.files, args.overrides, args.world_size)
     text = header(cfg, args.files, args.overrides, args.world_size)
@@ -61,6 +53,7 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+@expected(ConfigError)
 def _deepspeed(args: argparse.Namespace) -> int:
     cfg, _ = load_config_with_origins(args.files, args.overrides, args.world_size)
     print(json.dumps(deepspeed_config(cfg, args.world_size), indent=2))

@@ -4,34 +4,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+from megatron_gpt.cli.guard import expected
+from megatron_gpt.data.errors import DataError
 
 
+# Expected failures: unsupported options, missing files, bad checkpoints (CheckpointError is a ValueError).
+@expected(ValueError, FileNotFoundError, DataError)
 def run_export(args: argparse.Namespace) -> int:
     from megatron_gpt.convert.hf import export_hf
 
-    return _guard(lambda: export_hf(args.checkpoint, args.out, arch=args.arch, dtype=args.dtype, tag=args.tag,
-                                    max_shard_size=args.max_shard_size, vocab_size=args.vocab_size,
-                                    tokenizer=not args.no_tokenizer))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for the hub
+    export_hf(args.checkpoint, args.out, arch=args.arch, dtype=args.dtype, tag=args.tag,
+              max_shard_size=args.max_shard_size, vocab_size=args.vocab_size, tokenizer=not args.no_tokenizer)
+    return 0
 
 
+@expected(ValueError, FileNotFoundError, DataError)
 def run_import(args: argparse.Namespace) -> int:
     from megatron_gpt.convert.hf import import_hf
 
-    return _guard(lambda: import_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline,
-                                    tokenizer=args.tokenizer))
-
-
-def _guard(job) -> int:
-    """Expected failures (unsupported options, missing files, bad checkpoints) print one line."""
-    from megatron_gpt.data.errors import DataError
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for the hub
-    try:
-        job()
-    except (ValueError, FileNotFoundError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import_hf(args.hf_dir, args.out, tensor=args.tensor, pipeline=args.pipeline, tokenizer=args.tokenizer)
     return 0
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
+
+from megatron_gpt.cli.guard import expected
+from megatron_gpt.data.errors import DataError
 
 # Kept in step with tokenizer.TOKENIZER_TYPES (a test checks), not imported: that module is heavy.
 TOKENIZER_TYPES = ("embedded", "hf", "gpt2bpe", "tiktoken", "sentencepiece", "bytes")
@@ -44,28 +45,9 @@ def tokenizer_from_args(args: argparse.Namespace) -> Any:  # -> Tokenizer (lazy 
     return build_tokenizer(tokenizer_config_from_args(args))
 
 
-def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn a DataError into `error: ...` on stderr and exit code 2 (no traceback)."""
-
-    def run(args: argparse.Namespace) -> int:
-        from megatron_gpt.data.errors import DataError
-
-        try:
-            return handler(args)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    run.__name__ = handler.__name__
-    run.__doc__ = handler.__doc__
-    return run
-
-
 def output_prefixes(output_prefix: str, keys: list[str], neox_names: bool = False) -> dict[str, str]:
     """One key: PREFIX itself; several: PREFIX_KEY. GPT-NeoX's names: always PREFIX_KEY_document."""
     if len(set(keys)) != len(keys):
-        from megatron_gpt.data.errors import DataError
-
         raise DataError(f"keys {keys} repeat one; fix: name each key once")
     if neox_names:
         return {k: f"{output_prefix}_{k}_document" for k in keys}
@@ -82,7 +64,7 @@ def run_preprocessing(inputs: list[str], outputs: dict[str, str], tokenizer: Any
         print(f"{prefix}.{{bin,idx}} ({key!r}): {stats[key].summary()}")
 
 
-@_guarded
+@expected(DataError)
 def run_preprocess(args: argparse.Namespace) -> int:
     """Tokenize corpora (.jsonl/.gz/.xz/.zst, .txt, .parquet; files or globs) into PREFIX.bin/.idx."""
     tokenizer = tokenizer_from_args(args)
@@ -91,7 +73,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@expected(DataError)
 def run_train_tokenizer(args: argparse.Namespace) -> int:
     """Train a byte-level BPE tokenizer.json."""
     from megatron_gpt.data.train_tokenizer import train_tokenizer
@@ -104,7 +86,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@expected(DataError)
 def run_inspect(args: argparse.Namespace) -> int:
     """Documents, tokens, dtype and a decoded sample of an indexed dataset."""
     from megatron_gpt.data.describe import describe
@@ -114,7 +96,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guarded
+@expected(DataError)
 def run_merge(args: argparse.Namespace) -> int:
     """Concatenate indexed datasets into OUT (document boundaries kept)."""
     from megatron_gpt.data.indexed import merge
