@@ -175,6 +175,13 @@ class TrainingConfig(Section):
     auto_resume: bool = True
     """Resume (checkpoint.resume) from the newest complete checkpoint in checkpoint.save_dir, one
     that every rank finished writing (an interrupted save is skipped); false: the one `latest` names."""
+    max_skipped_steps: int = Field(10, ge=1)
+    """Divergence guard: a step whose loss or gradient norm is not finite is skipped on every rank
+    (no update, counted as skipped_steps in the metrics); this many skips in a row stop the run with
+    exit code 65 and a message naming the step."""
+    spike_factor: Optional[float] = Field(None, gt=1)
+    """Also skip a step whose loss exceeds this factor x the median loss of the last 20 applied
+    steps (needs 5 of them); null disables the spike guard."""
 
 
 class CheckpointConfig(Section):

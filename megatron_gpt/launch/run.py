@@ -12,7 +12,7 @@ import tempfile
 from megatron_gpt.config.schema import Config
 from megatron_gpt.launch import environment
 from megatron_gpt.launch.plans import RANK_ENTRY, LaunchError, Plan, plan, rank_arguments
-from megatron_gpt.launch.protocol import EXIT_CODE, EXIT_FILE, SIGNALS
+from megatron_gpt.launch.protocol import ERROR_FILE, EXIT_CODE, EXIT_FILE, SIGNALS
 
 __all__ = ["RANK_ENTRY", "LaunchError", "launch", "describe", "rank_arguments"]
 
@@ -41,6 +41,17 @@ def _rank_pids(pid: int) -> list[int]:
     return children
 
 
+def _first_error(path: str) -> tuple[int, str] | None:
+    """The first rank error line written to the ERROR_FILE: (its exit code, `rank R: message`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline()
+        code, rank, message = line.rstrip("\n").split("\t", 2)
+        return int(code), f"rank {rank}: {message}"
+    except (OSError, ValueError):
+        return None
+
+
 def run(p: Plan) -> int:
     """Run the plan's command; forward SIGTERM/SIGUSR1 so ranks checkpoint and stop; return its code."""
     env = {**os.environ, **p.env}
@@ -63,6 +74,10 @@ def run(p: Plan) -> int:
         os.close(fd)
         env[EXIT_FILE] = exit_file
         cleanup.append(exit_file)
+        fd, error_file = tempfile.mkstemp(prefix="megatron-gpt-error-")
+        os.close(fd)
+        env[ERROR_FILE] = error_file
+        cleanup.append(error_file)
     child = subprocess.Popen(p.command, env=env)
 
     def forward(signum, frame):
@@ -85,6 +100,7 @@ def run(p: Plan) -> int:
         if p.signal_ranks and code == 0 and os.path.getsize(exit_file):
             with open(exit_file) as f:
                 code = int(f.read().strip() or 0)
+        failure = _first_error(error_file) if p.signal_ranks and code != 0 else None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -93,6 +109,10 @@ def run(p: Plan) -> int:
                 os.unlink(path)
             except OSError:
                 pass
+    if failure is not None:  # the rank's own line last, under torchrun's report (the traceback is above)
+        code, message = failure
+        print(message, file=sys.stderr, flush=True)
+        return code
     if code == EXIT_CODE:
         print(f"megatron-gpt: preempted; a checkpoint was saved, relaunch the same command to resume "
               f"(exit code {EXIT_CODE})", file=sys.stderr)

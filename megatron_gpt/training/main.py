@@ -46,6 +46,22 @@ def join_launch(configs: list[str], overrides: list[str]) -> str:
     return how
 
 
+def failed(message: str, code: int) -> int:
+    """Print this rank's one-line error and leave it (with the exit code) in the launcher's error
+    file, so the launcher can end with it under torchrun's own report of the failure."""
+    from megatron_gpt.launch.protocol import ERROR_FILE
+
+    print(message, file=sys.stderr, flush=True)
+    path = os.environ.get(ERROR_FILE)
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as f:  # O_APPEND: each rank's line lands whole
+                f.write(f"{code}\t{os.environ.get('RANK', '0')}\t{' '.join(message.split())}\n")
+        except OSError:
+            pass
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")  # import-time notices about optional deps
@@ -63,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         join_launch(args.configs, args.overrides)
         cfg = load_config(args.configs, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return failed(f"error: {error}", 2)
     from megatron_gpt.data.errors import DataError
     from megatron_gpt.parallel.groups import shutdown
+    from megatron_gpt.launch.protocol import DIVERGED_EXIT_CODE
+    from megatron_gpt.training.guard import Diverged
     from megatron_gpt.training.trainer import train
 
     try:
@@ -78,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except preemption.Preempted:
         return preemption.exit_code()
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return failed(f"error: {error}", 2)
+    except Diverged as error:
+        return failed(f"error: {error}", DIVERGED_EXIT_CODE)
     finally:
         shutdown()
     return 0

@@ -21,8 +21,8 @@ class PlainRunner:
 
     can_sample = True
 
-    def __init__(self, engine, topo: Topology, gradients: GradientPath):
-        self.engine, self.topo, self.gradients = engine, topo, gradients
+    def __init__(self, engine, topo: Topology, gradients: GradientPath, guard=None):
+        self.engine, self.topo, self.gradients, self.guard = engine, topo, gradients, guard
         self._summed_nats = module_summed_nats(engine, topo.tensor)
 
     def train_step(self, batches: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -36,12 +36,14 @@ class PlainRunner:
             loss = masked_mean(token_losses(logits, batch["labels"], self.topo.tensor), batch["loss_mask"])
             self.engine.backward(loss)
             middle = clock()
+            step_loss += loss.detach()
             if self.engine.is_gradient_accumulation_boundary():
                 self.gradients.at_boundary()
+                if self.guard is not None:  # the optimizer step checks the step's loss first
+                    self.guard.loss = step_loss / len(batches)
             self.engine.step()
             forward_backward += middle - begin
             optimizer += clock() - middle
-            step_loss += loss.detach()
         return step_loss / len(batches), {"forward_backward": forward_backward, "optimizer": optimizer}
 
     def summed_nats(self, batches: list[dict]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from megatron_gpt.parallel.groups import Topology, barrier, init_distributed, se
 from megatron_gpt.training import preemption
 from megatron_gpt.training.engine import build_engine, build_model
 from megatron_gpt.training.gradients import GradientPath
+from megatron_gpt.training.guard import StepGuard
 from megatron_gpt.training.observe.backends import Backends
 from megatron_gpt.training.observe.flops import peak_flops, training_flops_per_token
 from megatron_gpt.training.observe.metrics import MetricsLog, Throughput
@@ -75,8 +76,10 @@ class Trainer:
         self.stop = preemption.watch()
         params = list(self.model.parameters())  # walking the module tree each step costs ~0.5 ms
         self.gradients = GradientPath(cfg, topo, self.engine, params, self.stop)
+        self.guard = StepGuard(self.engine, topo, params, cfg.training.max_skipped_steps, cfg.training.spike_factor,
+                               grad_norm=lambda: self.gradients.last_norm if self.gradients.clips else None)
         self.runner = (PipelineRunner(self.engine, topo) if topo.pipeline > 1
-                       else PlainRunner(self.engine, topo, self.gradients))
+                       else PlainRunner(self.engine, topo, self.gradients, self.guard))
         self.group = topo.data_parallel_group
 
         self.order = SampleOrder(layout.micro_batch_size, layout.gradient_accumulation_steps, topo.data, topo.data_rank)
@@ -151,11 +154,18 @@ class Trainer:
         save_every = cfg.checkpoint.save_interval if cfg.checkpoint.save_dir else None
         profiler = StepProfiler(cfg.logging.profile_steps, run_dir_path(cfg) / "profile", self.topo)
         train_started = time.perf_counter()
+        self.guard.step_index = self.start_step
         for step in range(self.start_step, steps):
             lr = self.engine.get_lr()[0]
             with profiler.step(step):
                 loss, timings = self.train_step(step)
-            self.metrics.record(step, loss, lr, self.grad_norm(), timings)
+            skipped = self.guard.skipped_now
+            self.metrics.record(step, loss, lr, None if skipped else self.grad_norm(), timings,
+                                skipped=self.guard.skipped_total + skipped)
+            if skipped:
+                self.say(f"step {step + 1}: skipped ({self.guard.why}); parameters and optimizer unchanged")
+                self.metrics.flush()
+            self.guard.after_step(step)  # raises Diverged after training.max_skipped_steps in a row
             done = step + 1
             if done % cfg.logging.log_interval == 0 or done == steps:
                 self.metrics.flush()

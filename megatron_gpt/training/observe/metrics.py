@@ -46,10 +46,14 @@ class MetricsLog:
         self.device = device
         self.backends = backends
         self.pending: list[tuple[int, torch.Tensor, float, object, dict[str, float]]] = []
+        self.skipped: dict[int, int] = {}  # step -> skipped steps so far (divergence guard)
         self.start = self.window_start = time.perf_counter()
 
-    def record(self, step: int, loss: torch.Tensor, lr: float, grad_norm, timings: dict[str, float]) -> None:
+    def record(self, step: int, loss: torch.Tensor, lr: float, grad_norm, timings: dict[str, float],
+               skipped: int = 0) -> None:
+        """`skipped`: steps the divergence guard skipped so far, this one included."""
         self.pending.append((step, loss.detach(), lr, grad_norm, timings))
+        self.skipped[step] = skipped
 
     def flush(self) -> dict | None:
         """Average pending losses over ranks, write them, print one line; returns the last record."""
@@ -73,12 +77,14 @@ class MetricsLog:
             interval["mfu"] = interval["tflops_per_rank"] * 1e12 / rate.peak_flops
         for phase in self.pending[0][4]:
             interval[f"{phase}_ms"] = 1000 * sum(t[phase] for *_, t in self.pending) / steps
-        records = [{"step": step + 1, "loss": loss, "lr": lr, "grad_norm": _as_float(norm), **interval}
+        records = [{"step": step + 1, "loss": loss, "lr": lr, "grad_norm": _as_float(norm),
+                    "skipped_steps": self.skipped.pop(step, 0), **interval}
                    for (step, _, lr, norm, _), loss in zip(self.pending, losses.tolist())]
         self.write(records)
         last = records[-1]
         eta = (self.total_steps - last["step"]) * step_seconds
         mfu = f" | MFU {last['mfu']:.1%}" if "mfu" in last else ""
+        mfu += f" | skipped {last['skipped_steps']}" if last["skipped_steps"] else ""
         norm = "-" if last["grad_norm"] is None else f"{last['grad_norm']:.3f}"
         split = " / ".join(f"{k[:-3]} {last[k]:.0f}" for k in last if k.endswith("_ms"))
         self.print(f"step {last['step']:>6}/{self.total_steps} {progress_bar(last['step'], self.total_steps)} | "
