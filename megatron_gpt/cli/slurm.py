@@ -61,10 +61,13 @@ def _command(args: argparse.Namespace) -> int:
     if not cfg.checkpoint.save_dir:
         print("warning: checkpoint.save_dir is not set: a preempted job stops without a checkpoint to resume from",
               file=sys.stderr)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
+    if args.output:  # 0700: the script names paths and settings others need not read
+        temporary = f"{args.output}.tmp{os.getpid()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(script)
-        os.chmod(args.output, 0o755)
+        os.chmod(temporary, 0o700)
+        os.replace(temporary, args.output)
         print(f"wrote {args.output}; submit with: sbatch {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(script)

@@ -6,10 +6,11 @@ Field docstrings become the field descriptions (``use_attribute_docstrings``), s
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+
+from .secrets import MASK, SECRET_NAME, masked_env  # noqa: F401 (MASK, SECRET_NAME: re-exported)
 
 
 class Section(BaseModel):
@@ -227,9 +228,6 @@ class LoggingConfig(Section):
     """[first, last] steps to record with torch.profiler; traces go to run_dir/profile."""
 
 
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
-"""Environment variable names whose values are masked wherever a config is printed or saved."""
-MASK = "***"
 
 
 class LauncherConfig(Section):
@@ -254,8 +252,11 @@ class LauncherConfig(Section):
     master_port: int = Field(29500, ge=1, le=65535)
     """Rendezvous port of rank 0 (local picks a free port itself)."""
     env: dict[str, str] = {}
-    """Environment variables set on every rank, e.g. {NCCL_DEBUG: INFO}; values whose names look
-    secret (KEY, TOKEN, SECRET, PASSWORD...) are masked in --dry-run output and saved configs."""
+    """Environment variables set on every rank, e.g. {NCCL_DEBUG: INFO}. Secrets (names with KEY,
+    TOKEN, SECRET, PASS..., names in secret_env, values holding a URL with a password) are masked
+    in --dry-run output and saved configs, and reach remote ranks only through a 0600 file."""
+    secret_env: list[str] = []
+    """More variable names (or PREFIX* patterns) whose values are secrets, e.g. [PGPASSFILE, DB_*]."""
     forward_env: list[str] = ["NCCL_*", "GLOO_*", "WANDB_*", "PYTHONPATH", "HF_*", "MEGATRON_GPT_*"]
     """Variables copied from the launching shell to every rank: names, or prefixes ending in *."""
     launcher_args: str = ""
@@ -272,9 +273,17 @@ class LauncherConfig(Section):
         return {k: (str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, (int, float)) else v)
                 for k, v in value.items()}
 
+    @field_validator("env")
+    @classmethod
+    def _drop_masked_values(cls, value: dict[str, str]) -> dict[str, str]:
+        """A saved config (run_dir/config.yaml, a checkpoint's) holds MASK in place of each secret:
+        reusing it must not set WANDB_API_KEY=*** on the ranks. Such a variable is left unset here,
+        so the rank keeps what the launching shell forwards (launcher.forward_env)."""
+        return {k: v for k, v in value.items() if v != MASK}
+
     @field_serializer("env")
     def _mask_secrets(self, env: dict[str, str]) -> dict[str, str]:
-        return {k: (MASK if SECRET_NAME.search(k) else v) for k, v in env.items()}
+        return masked_env(env, self.secret_env)
 
 
 class Config(Section):

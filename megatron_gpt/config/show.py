@@ -10,17 +10,17 @@ import yaml
 
 from .derive import batch_layout
 from .loader import DEFAULT, config_to_dict
-from .schema import MASK, SECRET_NAME, Config
+from .schema import Config
+from .secrets import mask_override
 
 
-def masked(override: str) -> str:
-    """`--set launcher.env.WANDB_API_KEY=...` is echoed without its value."""
-    key, sep, _ = override.partition("=")
-    return f"{key}{sep}{MASK}" if sep and SECRET_NAME.search(key.rsplit(".", 1)[-1]) else override
+def masked(override: str, patterns=()) -> str:
+    """`--set launcher.env.WANDB_API_KEY=...` (or the mapping form) is echoed without its value."""
+    return mask_override(override, patterns)
 
 
 def header(cfg: Config, files: Sequence[str], overrides: Sequence[str], world_size: int | None) -> str:
-    sources = [*files, *(f"--set {masked(o)}" for o in overrides)]
+    sources = [*files, *(f"--set {masked(o, cfg.launcher.secret_env)}" for o in overrides)]
     b = batch_layout(cfg, world_size)
     lines = [
         "resolved from: " + ", ".join(sources),

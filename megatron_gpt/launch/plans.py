@@ -43,12 +43,65 @@ class Plan:
     env_file: dict[str, str] | None = None   # DeepSpeed's DS_ENV_FILE contents (hostfile types)
     signal_ranks: bool = False                # local: signals go to the ranks, not to torchrun
     notes: list[str] = field(default_factory=list)
+    launch_file: LaunchFile | None = None     # what travels off the command line (0600 file)
+    unset: list[str] = field(default_factory=list)  # variables kept from DeepSpeed's runner (in launch_file)
+    secret_env: list[str] = field(default_factory=list)  # launcher.secret_env, for masking
+
+
+@dataclass
+class LaunchFile:
+    """Overrides and variables that may not travel on a command line (secrets; for DeepSpeed's
+    runner also any value a remote shell would reparse): written 0600 next to the run (the working
+    directory, which every node shares) when the run starts, read by every rank (training.main
+    --launch-file), deleted when the run ends."""
+
+    path: str
+    overrides: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.overrides or self.env)
+
+
+def launch_file_path() -> str:
+    import uuid
+
+    return os.path.join(os.path.abspath("."), f".megatron-gpt-launch-{uuid.uuid4().hex[:12]}.json")
+
+
+def split_overrides(cfg: Config, overrides: list[str], shell_safe: bool) -> tuple[list[str], LaunchFile]:
+    """Overrides for the command line, and the rest for the launch file: secrets always; with
+    `shell_safe` (a remote shell reparses the line) every value that is not a plain word too."""
+    patterns = cfg.launcher.secret_env
+    kept = LaunchFile(launch_file_path())
+    argv = []
+    for override in overrides:
+        secret = environment.mask_argument(override, patterns) != override
+        if kept.overrides or secret or (shell_safe and not environment.plain_word(override)):
+            kept.overrides.append(override)  # and every later one: overrides apply in order
+        else:
+            argv.append(override)
+    return argv, kept
+
+
+def _plan_with(make):
+    """Plans of launchers that start ranks without a shell: secrets off the command line only."""
+
+    def build(cfg: Config, config_files: list[str], overrides: list[str]) -> Plan:
+        argv, kept = split_overrides(cfg, overrides, shell_safe=False)
+        p = make(cfg, config_files, argv + ([f"--launch-file={kept.path}"] if kept else []))
+        p.launch_file, p.secret_env = (kept or None), list(cfg.launcher.secret_env)
+        return p
+
+    build.__doc__ = make.__doc__
+    return build
 
 
 def rank_arguments(config_files: list[str], overrides: list[str]) -> list[str]:
+    """Config paths and `--set K=V` pairs; a `--launch-file=PATH` entry passes through as is."""
     args = [os.path.abspath(path) for path in config_files]
     for override in overrides:
-        args += ["--set", override]
+        args += [override] if override.startswith("--launch-file=") else ["--set", override]
     return args
 
 
@@ -139,6 +192,12 @@ def deepspeed_plan(cfg: Config, config_files: list[str], overrides: list[str]) -
             pool = ds._parse_hostfile(f.readlines())
         except ValueError as error:
             raise LaunchError(f"launcher.hostfile {la.hostfile}: {error}; fix: one `HOST slots=N` line per node") from None
+    for host in pool:  # DeepSpeed passes them to ssh and pdsh: `-oProxyCommand=...` would be an option
+        _host(host, f"launcher.hostfile {la.hostfile}")
+    for path in [os.path.abspath("."), *map(os.path.abspath, config_files)]:
+        if not environment.plain_word(path):  # DeepSpeed writes them unquoted into the remote command
+            raise LaunchError(f"{path!r}: launcher.type {kind} sends this path through a remote shell that would "
+                              "reparse it; fix: use a path of letters, digits and . _ - / only")
     filtered = la.include is not None or la.exclude is not None
     try:
         active = ds.parse_inclusion_exclusion(pool, la.include or "", la.exclude or "")
@@ -165,7 +224,22 @@ def deepspeed_plan(cfg: Config, config_files: list[str], overrides: list[str]) -
     exports = environment.forwarded(la, os.environ)
     if la.threads_per_rank:
         exports["OMP_NUM_THREADS"] = str(la.threads_per_rank)
-    secret = any(environment.is_secret(k) for k in exports)
+    # DeepSpeed puts each export on the remote command line wrapped in "..." (pdsh) or as -x K="V"
+    # (openmpi): only plain non-secret values go that way, the rest through the 0600 launch file.
+    # The same for the variables DeepSpeed's runner exports from its own environment (NCCL_*, PYTHON*...).
+    overrides, kept = split_overrides(cfg, overrides, shell_safe=True)
+    for name, value in list(exports.items()):
+        if environment.is_secret(name, value, la.secret_env) or not environment.plain_word(value):
+            kept.env[name] = exports.pop(name)
+    unset = []
+    for name, value in os.environ.items():
+        if any(name.startswith(p) for p in _runner_exports(ds)) and name not in exports and not (
+                environment.plain_word(value) and not environment.is_secret(name, value, la.secret_env)):
+            kept.env.setdefault(name, value)
+            unset.append(name)
+    if kept:
+        overrides = [*overrides, f"--launch-file={kept.path}"]
+    secret = any(environment.is_secret(k, v, la.secret_env) for k, v in {**exports, **kept.env}.items())
     runner_args = ["--hostfile", hostfile, "--launcher", kind, "--master_addr", master,
                    "--master_port", str(la.master_port), "--force_multi", "--no_local_rank", "--module"]
     if la.include is not None:
@@ -181,24 +255,31 @@ def deepspeed_plan(cfg: Config, config_files: list[str], overrides: list[str]) -
     runner_args += [RANK_ENTRY, *rank_arguments(config_files, overrides)]
     command = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", *runner_args]
     env = {"DS_ENV_FILE": "<file written at launch>", **(_root_mpi_env() if kind == "openmpi" else {})}
-    nodes = _deepspeed_nodes(ds, runner_args, pool, active, exports, kind)
+    nodes = _deepspeed_nodes(ds, runner_args, pool, active, exports, kind, unset)
     return Plan(kind, command, env, nodes,
                 f"{kind}: DeepSpeed runner, {len(active)} node(s) x {la.nproc_per_node} = world size {world}, "
-                f"master {master}:{la.master_port}", env_file=exports)
+                f"master {master}:{la.master_port}", env_file=exports, launch_file=kept or None, unset=unset,
+                secret_env=list(la.secret_env))
 
 
-def _deepspeed_nodes(ds, runner_args: list[str], pool, active, exports: dict[str, str], kind: str) -> list[Node]:
-    """What DeepSpeed's runner will run on each node, computed by DeepSpeed's own runner classes."""
+def _runner_exports(ds) -> list[str]:
     from deepspeed.accelerator import get_accelerator
+
+    return list(ds.EXPORT_ENVS) + list(get_accelerator().export_envs())
+
+
+def _deepspeed_nodes(ds, runner_args: list[str], pool, active, exports: dict[str, str], kind: str,
+                     unset: list[str]) -> list[Node]:
+    """What DeepSpeed's runner will run on each node, computed by DeepSpeed's own runner classes."""
     from deepspeed.launcher import multinode_runner as mr
 
     args = ds.parse_args([environment.mask_argument(a) for a in runner_args])  # shown, never run
     world_info = ds.encode_world_info(active)
-    env = os.environ.copy()  # the same exports runner.main() adds before our DS_ENV_FILE entries
+    env = {k: v for k, v in os.environ.items() if k not in unset}  # what runner.main() exports first
     env["PYTHONPATH"] = os.path.abspath(".") + (":" + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
     cls = {"pdsh": mr.PDSHRunner, "openmpi": mr.OpenMPIRunner, "mvapich": mr.MVAPICHRunner}[kind]
     runner = cls(args, world_info) if kind == "pdsh" else cls(args, world_info, pool)
-    prefixes = ds.EXPORT_ENVS + get_accelerator().export_envs()
+    prefixes = _runner_exports(ds)
     for var, value in env.items():
         if any(var.startswith(p) for p in prefixes):
             runner.add_export(var, value)
@@ -238,10 +319,19 @@ def _deepspeed_nodes(ds, runner_args: list[str], pool, active, exports: dict[str
 
 def plan(cfg: Config, config_files: list[str], overrides: list[str]) -> Plan:
     kind = cfg.launcher.type
+    if cfg.launcher.master_addr:
+        _host(cfg.launcher.master_addr, "launcher.master_addr")
     if kind == "local":
-        return local_plan(cfg, config_files, overrides)
+        return _plan_with(local_plan)(cfg, config_files, overrides)
     if kind == "slurm":
-        return slurm_plan(cfg, config_files, overrides)
+        return _plan_with(slurm_plan)(cfg, config_files, overrides)
     if kind == "mpirun":
-        return mpirun_plan(cfg, config_files, overrides)
+        return _plan_with(mpirun_plan)(cfg, config_files, overrides)
     return deepspeed_plan(cfg, config_files, overrides)
+
+
+def _host(host: str, where: str) -> str:
+    try:
+        return environment.check_host(host, where)
+    except ValueError as error:
+        raise LaunchError(str(error)) from None

@@ -3,7 +3,9 @@ and the preemption exit code passed back. Never joins a process group itself."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,10 +21,15 @@ __all__ = ["RANK_ENTRY", "LaunchError", "launch", "describe", "rank_arguments"]
 
 def describe(p: Plan) -> str:
     """The --dry-run text: the command on this host, then what each node runs (secrets masked)."""
-    lines = [f"# {p.summary}", "# on this host:", environment.printable(p.command, p.env)]
+    lines = [f"# {p.summary}", "# on this host:", environment.printable(p.command, p.env, p.secret_env)]
     if p.env_file:
         lines.append("# DS_ENV_FILE (DeepSpeed exports these on every node): "
-                     + " ".join(f"{k}={v}" for k, v in environment.masked(p.env_file).items()))
+                     + " ".join(f"{k}={v}" for k, v in environment.masked(p.env_file, p.secret_env).items()))
+    if p.launch_file:
+        lines.append(f"# {p.launch_file.path} (written 0600 at launch, read by every rank, deleted at the end): "
+                     + " ".join([*(f"--set {environment.mask_argument(o, p.secret_env)}" for o in p.launch_file.overrides),
+                                 *(f"{k}={shlex.quote(v)}" for k, v in
+                                   environment.masked(p.launch_file.env, p.secret_env).items())]))
     for node in p.nodes:
         lines += [f"# {node.where}:", node.command]
     lines += [f"# {note}" for note in p.notes]
@@ -52,10 +59,21 @@ def _first_error(path: str) -> tuple[int, str] | None:
         return None
 
 
+def _write_private(path: str, text: str) -> None:
+    """A new file only this user can read (O_EXCL: never through someone's planted link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def run(p: Plan) -> int:
     """Run the plan's command; forward SIGTERM/SIGUSR1 so ranks checkpoint and stop; return its code."""
-    env = {**os.environ, **p.env}
+    env = {k: v for k, v in {**os.environ, **p.env}.items() if k not in p.unset}
     cleanup: list[str] = []
+    if p.launch_file is not None:
+        _write_private(p.launch_file.path, json.dumps({"overrides": p.launch_file.overrides,
+                                                       "env": p.launch_file.env}))
+        cleanup.append(p.launch_file.path)
     if p.env_file is not None:  # DeepSpeed reads DS_ENV_FILE and exports each line on every node
         fd, path = tempfile.mkstemp(prefix="megatron-gpt-env-")  # 0600: may hold secrets
         with os.fdopen(fd, "w") as f:

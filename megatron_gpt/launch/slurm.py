@@ -33,8 +33,24 @@ class SbatchOptions:
     requeue: bool = True
 
 
+def _directive_value(option: str, value: str) -> str:
+    """A value for an `#SBATCH --option=value` line: one plain word (a newline would start a new
+    line of the script, a space or quote would be cut or kept by sbatch's own parsing)."""
+    if not environment.plain_word(value) or value.startswith("-"):
+        raise ValueError(f"--{option} {value!r}: an sbatch directive value must be one word of letters, digits "
+                         "and @ % + = : , . / _ - (not starting with '-'); fix: rename it (the job name defaults "
+                         "to the config's `name`)")
+    return value
+
+
 def sbatch_script(cfg: Config, config_files: list[str], overrides: list[str], opts: SbatchOptions) -> str:
     la = cfg.launcher
+    if la.master_addr:
+        environment.check_host(la.master_addr, "launcher.master_addr")
+    for option, value in (("job-name", opts.job_name or cfg.name), ("partition", opts.partition),
+                          ("time", opts.time), ("account", opts.account), ("output", opts.log)):
+        if value is not None:
+            _directive_value(option, value)
     directives = [f"--job-name={opts.job_name or cfg.name}", f"--nodes={opts.nodes}",
                   f"--ntasks-per-node={opts.ntasks_per_node}"]
     if opts.gpus_per_node:
@@ -52,11 +68,11 @@ def sbatch_script(cfg: Config, config_files: list[str], overrides: list[str], op
         exports["MASTER_ADDR"] = la.master_addr
     if la.threads_per_rank or opts.cpus_per_task:
         exports["OMP_NUM_THREADS"] = str(la.threads_per_rank or opts.cpus_per_task)
-    secrets = sorted(k for k in la.env if environment.is_secret(k))
+    secrets = sorted(k for k, v in la.env.items() if environment.is_secret(k, v, la.secret_env))
     exports.update({k: v for k, v in la.env.items() if k not in secrets})
     srun = ["srun", "--kill-on-bad-exit=1", *shlex.split(la.launcher_args), *rank_command(config_files, overrides)]
-    command = " ".join(shlex.quote(environment.mask_argument(word)) for word in srun)
-    if any(environment.mask_argument(o) != o for o in overrides):
+    command = " ".join(shlex.quote(environment.mask_argument(word, la.secret_env)) for word in srun)
+    if any(environment.mask_argument(o, la.secret_env) != o for o in overrides):
         raise ValueError("a secret is set with --set launcher.env...; it would be written into the script. "
                          "fix: put it in the environment you submit from (sbatch passes it on) or in a config file")
     lines = [

@@ -17,7 +17,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by `deepspeed` without --no_local_rank; LOCAL_RANK wins
-    return parser.parse_args(argv)
+    parser.add_argument("--launch-file", default=None, metavar="PATH",
+                        help="JSON from the launcher: more overrides and variables (secrets, values a remote "
+                             "shell would reparse) that do not travel on the command line")
+    args = parser.parse_args(argv)
+    if args.launch_file:
+        import json
+
+        with open(args.launch_file, encoding="utf-8") as f:
+            carried = json.load(f)
+        args.overrides = [*args.overrides, *carried.get("overrides", [])]
+        os.environ.update(carried.get("env", {}))
+    return args
 
 
 def say_line(text: str) -> None:
