@@ -55,11 +55,12 @@ def output_prefixes(output_prefix: str, keys: list[str], neox_names: bool = Fals
 
 
 def run_preprocessing(inputs: list[str], outputs: dict[str, str], tokenizer: Any, append_eod: bool, workers: int,
-                      progress: bool) -> None:
+                      progress: bool, allow_empty: bool = False) -> None:
     """Preprocess and print one summary line per output (shared with tools/preprocess_data.py)."""
     from megatron_gpt.data.preprocess import preprocess_keys
 
-    stats = preprocess_keys(inputs, outputs, tokenizer, append_eod=append_eod, workers=workers, progress=progress)
+    stats = preprocess_keys(inputs, outputs, tokenizer, append_eod=append_eod, workers=workers, progress=progress,
+                            allow_empty=allow_empty)
     for key, prefix in outputs.items():
         print(f"{prefix}.{{bin,idx}} ({key!r}): {stats[key].summary()}")
 
@@ -69,7 +70,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     """Tokenize corpora (.jsonl/.gz/.xz/.zst, .txt, .parquet; files or globs) into PREFIX.bin/.idx."""
     tokenizer = tokenizer_from_args(args)
     outputs = output_prefixes(args.output_prefix, args.json_keys)
-    run_preprocessing(args.input, outputs, tokenizer, args.append_eod, args.workers, not args.quiet)
+    run_preprocessing(args.input, outputs, tokenizer, args.append_eod, args.workers, not args.quiet, args.allow_empty)
     return 0
 
 
@@ -124,6 +125,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="tokenizer processes, forked after the tokenizer loads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write an empty dataset when the inputs hold no document (default: an error)")
     add_tokenizer_args(p)
     p.set_defaults(func=run_preprocess)
 

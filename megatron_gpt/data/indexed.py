@@ -132,11 +132,21 @@ class IndexedWriter:
         self.documents = 0
         self.tokens = 0
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents: `tokens` back to back (already in the dtype), `lengths` per document."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, join: bool = False) -> None:
+        """Append documents: `tokens` back to back (already in the dtype), `lengths` per document.
+        `join`: the first of them continues the last document added (a long document's pieces)."""
         assert self._bin is not None and tokens.dtype == self.dtype
         self._bin.write(memoryview(np.ascontiguousarray(tokens)))
-        self._lengths.append(np.asarray(lengths, dtype=np.int32))
+        lengths = np.asarray(lengths, dtype=np.int32)
+        if join and self._lengths and len(lengths):
+            last = self._lengths[-1] = self._lengths[-1].copy()
+            if int(last[-1]) + int(lengths[0]) >= 2**31:
+                raise DataError(f"{self.prefix}: one document of over 2^31 tokens does not fit the index format; "
+                                "fix: split the document")
+            last[-1] += lengths[0]
+            lengths = lengths[1:]
+        if len(lengths):  # never an empty array: the last one is the document a piece joins
+            self._lengths.append(lengths)
         self.documents += len(lengths)
         self.tokens += int(tokens.size)
 
@@ -199,6 +209,28 @@ def _fail(path: str, what: str, fix: str) -> DataError:
     return DataError(f"{path}: {what}; fix: {fix}")
 
 
+def _check_entries(idx: str, lengths: np.ndarray, pointers: np.ndarray, doc_idx: np.ndarray, itemsize: int,
+                   rerun: str) -> None:
+    """Every entry, vectorized (~10 ms per million sequences): lengths >= 0, each sequence right
+    after the previous one in the .bin (so pointers rise and stay inside it once its size
+    matches), document boundaries rising. megatron-core reads whatever the index says."""
+    bad = np.flatnonzero(lengths < 0)
+    if len(bad):
+        raise _fail(idx, f"sequence {int(bad[0]):,} has a negative length ({int(lengths[bad[0]])})", rerun)
+    if len(pointers):
+        expected = np.empty_like(pointers)
+        expected[0] = 0
+        np.cumsum(lengths[:-1].astype(np.int64) * itemsize, out=expected[1:])
+        bad = np.flatnonzero(pointers != expected)
+        if len(bad):
+            i = int(bad[0])
+            raise _fail(idx, f"sequence {i:,} points at byte {int(pointers[i]):,} of the .bin, but the sequences "
+                             f"before it end at byte {int(expected[i]):,} (pointers out of order or out of range)", rerun)
+    bad = np.flatnonzero(np.diff(doc_idx) < 0)
+    if len(bad):
+        raise _fail(idx, f"document boundary {int(bad[0]) + 1:,} goes backwards", rerun)
+
+
 def open_indexed(prefix: str, key: str = "data.paths") -> IndexedFile:
     """Read and check PREFIX.idx against PREFIX.bin; any mismatch is a DataError naming the file.
 
@@ -233,6 +265,7 @@ def open_indexed(prefix: str, key: str = "data.paths") -> IndexedFile:
     index = IndexedFile(prefix, dtype, lengths, pointers, doc_idx)
     if documents == 0 or doc_idx[0] != 0 or doc_idx[-1] != sequences:
         raise _fail(idx, "document boundaries do not cover its sequences (a corrupted index)", rerun)
+    _check_entries(idx, lengths, pointers, doc_idx, dtype.itemsize, rerun)
     bin_size = os.path.getsize(bin_)
     want = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if sequences else 0
     if bin_size != want:

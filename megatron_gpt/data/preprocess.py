@@ -32,7 +32,7 @@ import numpy as np
 from megatron_gpt.data.errors import DataError
 from megatron_gpt.data.indexed import IndexedWriter, leftover_temps, token_dtype
 from megatron_gpt.data.progress import Progress
-from megatron_gpt.data.reader import CorpusReader
+from megatron_gpt.data.reader import PIECE_CHARS, CorpusReader, Piece, split_document
 from megatron_gpt.data.tokenizer import Tokenizer
 
 __all__ = ["PreprocessStats", "preprocess", "preprocess_keys", "token_dtype"]
@@ -80,24 +80,31 @@ def _batches(records: Iterable[tuple[str, ...]]) -> Iterator[list[tuple[str, ...
 Encoded = tuple[np.ndarray, np.ndarray, int]  # tokens back to back, length per document, UTF-8 bytes
 
 
-def _encode(tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int], texts: list[str]) -> Encoded:
+def _encode(tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int], texts: list[str],
+            ends: Optional[list[bool]] = None) -> Encoded:
+    """`ends[i]` False: text i is a piece continued by text i+1 (no EOD; one length for both)."""
     encoded = tokenizer.encode_in_thread(texts)
-    extra = 0 if eod is None else 1
-    lengths = np.fromiter((len(ids) + extra for ids in encoded), dtype=np.int64, count=len(encoded))
+    ends = ends or [True] * len(texts)
+    extra = [int(eod is not None and end) for end in ends]
+    lengths = np.fromiter((len(ids) + e for ids, e in zip(encoded, extra)), dtype=np.int64, count=len(encoded))
     out = np.empty(int(lengths.sum()), dtype=dtype)
     end = 0
-    for ids in encoded:
+    for ids, e in zip(encoded, extra):
         start, end = end, end + len(ids)
         out[start:end] = ids  # lists convert straight into the output, no array per document
-        if eod is not None:
+        if e:
             out[end] = eod
             end += 1
     nbytes = sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
+    if not all(ends):  # pieces of one document: one length
+        first = np.flatnonzero(np.r_[True, np.asarray(ends[:-1])])
+        lengths = np.add.reduceat(lengths, first) if len(lengths) else lengths
     return out, lengths.astype(np.int32), nbytes
 
 
-def _encode_columns(tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int], columns: list[list[str]]) -> list[Encoded]:
-    return [_encode(tokenizer, dtype, eod, texts) for texts in columns]
+def _encode_columns(tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int], columns: list[list[str]],
+                    ends: Optional[list[bool]] = None) -> list[Encoded]:
+    return [_encode(tokenizer, dtype, eod, texts, ends if i == 0 else None) for i, texts in enumerate(columns)]
 
 
 # The forked workers' encoding arguments: set in the parent just before the fork, inherited by
@@ -105,10 +112,25 @@ def _encode_columns(tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int], c
 _FORKED: Optional[tuple[Tokenizer, np.dtype, Optional[int]]] = None
 
 
+_PARENT = 0
+
+
 def _quiet_child() -> None:
     # Processes give the parallelism; HF tokenizers' own thread pool would only oversubscribe
     # (and it warns when it finds itself forked).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Die with the parent, however it ends (kill -9, SIGTERM): a pool worker otherwise waits on
+    # its queue forever under pid 1. PR_SET_PDEATHSIG is Linux's; elsewhere the pool's own
+    # shutdown is all there is.
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != _PARENT:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _forget_forked() -> None:
@@ -116,9 +138,9 @@ def _forget_forked() -> None:
     _FORKED = None
 
 
-def _encode_forked(columns: list[list[str]]) -> list[Encoded]:
+def _encode_forked(columns: list[list[str]], ends: Optional[list[bool]] = None) -> list[Encoded]:
     assert _FORKED is not None
-    return _encode_columns(*_FORKED, columns)
+    return _encode_columns(*_FORKED, columns, ends)
 
 
 class _InLine(Executor):
@@ -136,7 +158,8 @@ class _InLine(Executor):
 def _executor(workers: int, tokenizer: Tokenizer, dtype: np.dtype, eod: Optional[int]
               ) -> tuple[Executor, Callable[[list[list[str]]], list[Encoded]]]:
     """(executor, function of the columns of one batch) for `workers`."""
-    global _FORKED
+    global _FORKED, _PARENT
+    _PARENT = os.getpid()
     encode = partial(_encode_columns, tokenizer, dtype, eod)
     if workers == 1:
         return _InLine(), encode
@@ -159,11 +182,22 @@ def _meta(tokenizer: Tokenizer, key: str, append_eod: bool, dtype: np.dtype, inp
             "bytes": stats.bytes, "skipped_empty": stats.skipped_empty}
 
 
+def _pieces(records: Iterable[tuple[str, ...]]) -> Iterator[tuple[str, ...]]:
+    """Single-key records with a long text become Pieces (reader.PIECE_CHARS): bounded memory."""
+    for record in records:
+        if isinstance(record, Piece) or len(record[0]) <= 2 * PIECE_CHARS:
+            yield record
+        else:
+            yield from split_document(record[0])
+
+
 def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: Tokenizer, append_eod: bool = True,
-                    workers: int = 1, progress: bool = True) -> dict[str, PreprocessStats]:
+                    workers: int = 1, progress: bool = True, allow_empty: bool = False) -> dict[str, PreprocessStats]:
     """Tokenize the non-empty text under each key of `outputs` into that key's prefix.bin/.idx.
 
     Inputs are files or glob patterns (reader.SUFFIXES). The output is identical for any `workers`.
+    With one key, a long document is tokenized in pieces (memory stays bounded, see reader.Piece).
+    No document at all is an error unless `allow_empty`.
     """
     if workers < 1:
         raise DataError(f"workers is {workers}; fix: use 1 or more tokenizer processes")
@@ -182,30 +216,38 @@ def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: To
     pool, encode = _executor(workers, tokenizer, dtype, eod)
     with ExitStack() as stack, pool:
         writers = [stack.enter_context(IndexedWriter(outputs[k], dtype)) for k in keys]
-        pending: deque[Future[list[Encoded]]] = deque()
+        pending: deque[tuple[Future[list[Encoded]], bool]] = deque()
 
         def write_oldest() -> None:
-            for i, (tokens, lengths, batch_bytes) in enumerate(pending.popleft().result()):
-                writers[i].add(tokens, lengths)
-                documents[i] += len(lengths)
+            future, join = pending.popleft()
+            for i, (tokens, lengths, batch_bytes) in enumerate(future.result()):
+                writers[i].add(tokens, lengths, join=join and i == 0)
+                documents[i] += len(lengths) - int(join and i == 0 and len(lengths) > 0)
                 nbytes[i] += batch_bytes
             if bar is not None:
                 bar.update(documents[0], writers[0].tokens, nbytes[0], reader.bytes_read())
 
         try:
-            for batch in _batches(reader):
+            continued = False  # the previous batch ended inside a document
+            for batch in _batches(_pieces(reader) if len(keys) == 1 else reader):
                 columns = []
                 for i in range(len(keys)):
                     texts = [record[i] for record in batch if record[i]]
                     skipped[i] += len(batch) - len(texts)
                     columns.append(texts)
-                pending.append(pool.submit(encode, columns))
+                ends = [not getattr(record, "more", False) for record in batch if record[0]]
+                pending.append((pool.submit(encode, columns, None if all(ends) else ends), continued))
+                continued = not ends[-1] if ends else continued
                 while len(pending) > 2 * workers:  # bounded memory, workers always busy
                     write_oldest()
             while pending:
                 write_oldest()
+            if not any(documents) and not allow_empty:
+                raise DataError(f"{', '.join(reader.paths) or ', '.join(inputs)}: no non-empty document under "
+                                f"{', '.join(repr(k) for k in keys)} ({skipped[0]:,} empty); nothing was written. fix: "
+                                "check the inputs and --json-keys, or pass --allow-empty to write an empty dataset")
         except BaseException:
-            for future in pending:
+            for future, _ in pending:
                 future.cancel()
             raise
         finally:
@@ -222,6 +264,8 @@ def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: To
 
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer: Tokenizer, json_key: str = "text",
-               append_eod: bool = True, workers: int = 1, progress: bool = True) -> PreprocessStats:
+               append_eod: bool = True, workers: int = 1, progress: bool = True,
+               allow_empty: bool = False) -> PreprocessStats:
     """Tokenize every non-empty `json_key` document of `inputs` into `output_prefix`.bin/.idx."""
-    return preprocess_keys(inputs, {json_key: output_prefix}, tokenizer, append_eod, workers, progress)[json_key]
+    return preprocess_keys(inputs, {json_key: output_prefix}, tokenizer, append_eod, workers, progress,
+                           allow_empty)[json_key]

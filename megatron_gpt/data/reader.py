@@ -13,6 +13,7 @@ import io
 import json
 import lzma
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -67,6 +68,49 @@ def _stream_errors(path: str) -> tuple[type[BaseException], ...]:
 
 def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
+
+
+PIECE_CHARS = 1 << 20
+"""A document longer than twice this is read (.txt) and tokenized in pieces of about this size,
+so memory stays bounded whatever one document's size (tokenizers take ~100x a text's size)."""
+# A safe cut: before one space or newline that sits between two non-space characters. Every
+# whitespace-splitting pre-tokenizer (GPT-2 BPE, tiktoken, HF byte-level) starts a new pre-token
+# there either way, so the pieces' tokens are the whole document's tokens.
+_CUT_TEXT = re.compile(r"(?<=\S)(?=[ \n]\S)")
+_CUT_BYTES = re.compile(rb"(?<=[^\s])(?=[ \n][^\s])")
+
+
+class Piece(tuple):
+    """A record holding part of one long document; `more`: the next record continues it."""
+
+    more: bool
+
+    def __new__(cls, text: str, more: bool) -> "Piece":
+        piece = super().__new__(cls, (text,))
+        piece.more = more
+        return piece
+
+
+def _cut(data, start: int, pattern) -> int:
+    """Where to end a piece that starts at `start`: the first safe cut after PIECE_CHARS, else a
+    hard cut at 8x (a text without spaces: only the tokens at that cut may differ), else the end."""
+    match = pattern.search(data, start + PIECE_CHARS, start + 8 * PIECE_CHARS)
+    if match:
+        return match.start()
+    return start + 8 * PIECE_CHARS if len(data) > start + 16 * PIECE_CHARS else len(data)
+
+
+def split_document(text: str) -> list[Piece]:
+    """A long text as Pieces (one piece when it is short)."""
+    pieces, start = [], 0
+    while len(text) - start > 2 * PIECE_CHARS:
+        end = _cut(text, start, _CUT_TEXT)
+        if end >= len(text):
+            break
+        pieces.append(Piece(text[start:end], True))
+        start = end
+    pieces.append(Piece(text[start:], False))
+    return pieces
 
 
 class CorpusReader:
@@ -168,14 +212,30 @@ class CorpusReader:
                                 "valid Unicode text; fix: repair or drop that string") from None
 
     def _read_txt(self, path: str) -> Iterator[tuple[str, ...]]:
+        """One document, in Pieces when long: never more than ~20 MB of the file in memory."""
         with open(path, "rb") as f:
-            data = f.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{_line_of(data, e.start)}: invalid UTF-8 ({e.reason}); "
-                            "fix: re-encode the file as UTF-8") from None
-        yield (text,)
+            self._position = f.tell
+            data, lines, count, eof = b"", 0, 0, False
+            while True:
+                if not eof and len(data) < 16 * PIECE_CHARS:
+                    block = f.read(4 * PIECE_CHARS)
+                    if block:
+                        data += block
+                        continue
+                    eof = True
+                end = len(data) if eof and len(data) <= 2 * PIECE_CHARS else _cut(data, 0, _CUT_BYTES)
+                piece, data = data[:end], data[end:]
+                try:
+                    text = piece.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lines + _line_of(piece, e.start)}: invalid UTF-8 ({e.reason}); "
+                                    "fix: re-encode the file as UTF-8") from None
+                lines += piece.count(b"\n")
+                last = eof and not data
+                yield Piece(text, not last) if count or not last else (text,)
+                count += 1
+                if last:
+                    return
 
     def _read_parquet(self, path: str) -> Iterator[tuple[str, ...]]:
         _require("pyarrow")
