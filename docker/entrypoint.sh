@@ -45,6 +45,27 @@ create one in: mount the folder the nodes share at $ssh_dir (or set MEGATRON_GPT
 readable by this uid"
 }
 
+publish_host_key() {
+  # This node's host key, under every name and address it may be reached by, into the known_hosts
+  # the nodes share ($ssh_dir/known_hosts): ssh then checks host keys strictly (docker/ssh_config).
+  local known=$ssh_dir/known_hosts names name drop=()
+  ln -sfn "$known" "$HOME/.ssh/known_hosts_cluster"
+  [ -w "$ssh_dir" ] || { [ -f "$known" ] && return 0; } || die "$ssh_dir is read-only and holds no known_hosts: \
+put the nodes' host keys there ([NAME]:2222 KEY lines), or mount it writable"
+  names=$(hostname; hostname -f 2>/dev/null || true; hostname -I 2>/dev/null | tr ' ' '\n')
+  names=$(printf '%s\n' $names | sort -u)
+  for name in $names; do drop+=(-e "[$name]:2222 "); done
+  (
+    flock 9
+    touch "$known"
+    { grep -v -F "${drop[@]}" "$known" || true  # this node's old key (a restart makes a new one)
+      for name in $names; do
+        printf '[%s]:2222 %s\n' "$name" "$(cut -d' ' -f1,2 "$HOME/.ssh/ssh_host_ed25519_key.pub")"
+      done; } > "$known.tmp.$$"
+    mv -f "$known.tmp.$$" "$known"
+  ) 9>"$ssh_dir/.keygen.lock"
+}
+
 setup_ssh() {
   cluster_key
   install -d -m 700 "$HOME/.ssh"
@@ -55,13 +76,23 @@ setup_ssh() {
   chmod 600 "$HOME/.ssh/authorized_keys.tmp"
   mv -f "$HOME/.ssh/authorized_keys.tmp" "$HOME/.ssh/authorized_keys"
   [ -f "$HOME/.ssh/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N "" -f "$HOME/.ssh/ssh_host_ed25519_key"
-  # Commands pdsh runs over ssh get this container's environment (PATH with the virtualenv, CUDA and
-  # NCCL variables of the base image, ...): sshd reads ~/.ssh/environment (PermitUserEnvironment).
-  local line name
+  publish_host_key
+  # Commands pdsh runs over ssh get the parts of this container's environment a rank needs (PATH
+  # with the virtualenv, the CUDA/NCCL settings of the base image, ...): sshd reads
+  # ~/.ssh/environment (PermitUserEnvironment). An allow-list: API keys and tokens in the container's
+  # environment stay out of that file (launches carry their own secrets in a 0600 file);
+  # MEGATRON_GPT_SSH_ENV names more variables to pass.
+  local line name extra
+  read -r -a extra <<< "${MEGATRON_GPT_SSH_ENV:-}"
   while IFS= read -r -d '' line; do
     name=${line%%=*}
-    case $name in HOME | PWD | OLDPWD | SHLVL | _ | HOSTNAME | TERM | MEGATRON_GPT_SSHD) continue ;; esac
-    if [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ && $line != *$'\n'* ]]; then printf '%s\n' "$line"; fi
+    [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ && $line != *$'\n'* ]] || continue
+    case $name in
+      PATH | LD_LIBRARY_PATH | LIBRARY_PATH | VIRTUAL_ENV | PYTHONPATH | LANG | LC_* | TZ | CUDA_* | NCCL_* | \
+      NVIDIA_* | GLOO_* | OMP_* | MKL_* | UCX_* | DS_ACCELERATOR | TORCH_EXTENSIONS_DIR | PIP_*) ;;
+      *) [[ " ${extra[*]} " == *" $name "* ]] || continue ;;
+    esac
+    printf '%s\n' "$line"
   done < <(env -0) > "$HOME/.ssh/environment.tmp"
   chmod 600 "$HOME/.ssh/environment.tmp"
   mv -f "$HOME/.ssh/environment.tmp" "$HOME/.ssh/environment"

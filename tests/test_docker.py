@@ -243,6 +243,7 @@ def test_two_containers_on_a_podman_network_run_a_two_node_pdsh_job(image, quick
     try:
         for i, node in enumerate(nodes):
             podman("run", "-d", "--name", node, "--hostname", f"node{i}", "--network", network, *ULIMITS,
+                   "-e", "WANDB_API_KEY=container-secret-1",  # issue 17: must not reach ~/.ssh/environment
                    "-v", f"{ssh}:/ssh", "-v", f"{runs}:/opt/megatron-gpt/runs", image, "sshd")
         addresses, interfaces = zip(*(wait_for(lambda n=n: podman("exec", n, "true", check=False).returncode == 0
                                                and node_ip(n), 60, f"{n} to start") for n in nodes))
@@ -254,6 +255,13 @@ def test_two_containers_on_a_podman_network_run_a_two_node_pdsh_job(image, quick
             except TimeoutError as error:
                 logs = "\n".join(podman("logs", n, check=False).stderr[-2000:] for n in nodes)
                 pytest.fail(f"{error}; the containers could not reach each other over {network}:\n{logs}")
+        # issue 17: only allow-listed variables are written for ssh sessions; host keys are checked
+        # strictly, against the known_hosts the nodes publish in the shared /ssh
+        environment = podman("exec", nodes[0], "sh", "-c", "cat ~/.ssh/environment").stdout
+        assert "PATH=" in environment and "container-secret-1" not in environment, environment
+        options = podman("exec", nodes[0], "ssh", "-G", addresses[1]).stdout
+        assert "stricthostkeychecking true" in options, options
+        assert f"[{addresses[1]}]:2222 ssh-ed25519 " in (ssh / "known_hosts").read_text()
         (runs / "hostfile").write_text("".join(f"{a} slots=1\n" for a in addresses))
         done = podman("exec", nodes[0], "megatron-gpt", "train", "configs/quickstart.yml",
                       "--set", "launcher.type=pdsh", "--set", "launcher.hostfile=runs/hostfile",

@@ -24,7 +24,7 @@ PROBE = """
 import json, os, stat, sys
 from megatron_gpt.training.main import parse_args
 args = parse_args(sys.argv[1:])
-launch = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--launch-file=")]
+launch = [os.path.expanduser(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--launch-file=")]
 out = {"argv": sys.argv[1:], "overrides": args.overrides, "launch_file_mode":
        [oct(stat.S_IMODE(os.stat(p).st_mode)) for p in launch],
        "env": {k: os.environ.get(k) for k in ("MY_VALUE", "WANDB_API_KEY", "DATABASE_URL", "NCCL_WEIRD")}}
@@ -48,15 +48,24 @@ while args[i].startswith("-"):
 line = " ".join(args[i:]).replace("megatron_gpt.training.main", "probe_rank")
 code = 0
 for index, host in enumerate(hosts):
-    code |= subprocess.run(["bash", "-c", line.replace("%n", str(index))]).returncode
+    home = os.path.join(os.environ["HOMES"], host)
+    os.makedirs(home, exist_ok=True)
+    code |= subprocess.run(["bash", "-c", line.replace("%n", str(index))], env={**os.environ, "HOME": home}).returncode
 sys.exit(code)
 '''
 
 SSH = r'''#!/usr/bin/env python3
-# stand-in ssh (DeepSpeed's reachability check): records argv; runs nothing but `hostname`
-import os, sys
-open(os.environ["RECORD"] + "/ssh.argv", "a").write(repr(sys.argv[1:]) + "\n")
-print("node")
+# stand-in ssh: records argv; `-o X` options, the host, then the remote command run by bash in
+# $HOME with this stdin (as sshd runs it through the user's shell)
+import os, subprocess, sys
+args = sys.argv[1:]
+open(os.environ["RECORD"] + "/ssh.argv", "a").write(repr(args) + "\n")
+while args[0].startswith("-"):
+    args = args[2:] if args[0] in ("-o", "-p") else args[1:]
+host, command = args[0], " ".join(args[1:])
+home = os.path.join(os.environ["HOMES"], host)  # each stand-in node has its own home
+os.makedirs(home, exist_ok=True)
+sys.exit(subprocess.run(["bash", "-c", command], cwd=home, env={**os.environ, "HOME": home}).returncode)
 '''
 
 MPIRUN = r'''#!/usr/bin/env python3
@@ -75,14 +84,20 @@ while args[i].startswith("-"):
         n = int(args[i + 1]); i += 2
     elif args[i] in ("--mca", "-mca"):
         i += 3
-    elif args[i] in ("-hostfile", "--hostfile", "--npernode"):
+    elif args[i] in ("-hostfile", "--hostfile"):
+        hosts = [line.split()[0] for line in open(args[i + 1]) if line.strip()]
+        env["HOSTS"] = " ".join(hosts)
+        i += 2
+    elif args[i] == "--npernode":
         i += 2
     else:
         i += 1
 program = ["probe_rank" if a == "megatron_gpt.training.main" else a for a in args[i:]]
 code = 0
+hosts = env.get("HOSTS", "").split()
 for rank in range(n):
-    code |= subprocess.run(program, env={**env, "RANK": str(rank)}).returncode
+    home = os.path.join(os.environ["HOMES"], hosts[rank]) if hosts else env["HOME"]  # one slot per host
+    code |= subprocess.run(program, env={**env, "RANK": str(rank), "HOME": home}).returncode
 sys.exit(code)
 '''
 
@@ -120,7 +135,7 @@ def stand_ins(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", RECORD=str(record), PROBE_OUT=str(out),
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", RECORD=str(record), PROBE_OUT=str(out), HOMES=str(tmp_path / "homes"),
                PYTHONPATH=f"{tmp_path}:{REPO}", WANDB_API_KEY=SECRET, NCCL_WEIRD="a b$(touch MARK_nccl)")
     return tmp_path, work, env
 
@@ -154,7 +169,7 @@ def check_received(tmp_path: Path, work: Path, given: list[str], ranks: int, don
         text = recorded.read_text()
         assert SECRET not in text and DB_PASSWORD not in text, recorded.name
     assert SECRET not in output and DB_PASSWORD not in output
-    assert not list(work.glob(".megatron-gpt-launch-*")), "the launch file outlived the run"
+    assert not list(tmp_path.glob("homes/*/.megatron-gpt-launch-*")), "the launch file outlived the run"
 
 
 def hostfile(work: Path, *hosts: str) -> Path:
@@ -247,3 +262,44 @@ def test_secrets_in_saved_configs_and_reuse(tmp_path):
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
     again = load_config([path])  # reusing a saved config never sets a variable to the mask
     assert again.launcher.env == {"NCCL_DEBUG": "INFO"}
+
+
+def test_a_failing_run_ends_with_the_rank_error_as_the_last_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "megatron_gpt", "train", str(TINY), "--set", "data.embedded=null",
+                           "--set", "data.paths=[/nonexistent/corpus]", "--set", "tokenizer.type=bytes",
+                           "--set", "launcher.nproc_per_node=2", "--set", f"logging.run_dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert last.startswith("rank ") and "error: /nonexistent/corpus.bin: does not exist (from data.paths)" in last, last
+
+
+@pytest.mark.slow
+def test_secrets_given_every_way_reach_no_file_log_or_command_line_of_a_real_run(tmp_path, data_cache):
+    """A real 2-rank run (torchrun) with secrets from the shell, launcher.env mapping and --set:
+    the ranks get them, and no byte of them is in the output, the run dir or the checkpoint."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_API_KEY=SECRET)
+    db = f"postgres://user:{DB_PASSWORD}@db/x"
+    sets = ["launcher.nproc_per_node=2", f"data.cache_dir={data_cache}", f"logging.run_dir={tmp_path / 'run'}",
+            f"checkpoint.save_dir={tmp_path / 'ckpt'}", "training.train_steps=2", "launcher.secret_env=[CORP_*]",
+            "launcher.env=" + json.dumps({"DATABASE_URL": db, "CORP_THING": "corp-secret-9"}),
+            "launcher.env.HF_TOKEN=hf-secret-7"]
+    done = subprocess.run([sys.executable, "-m", "megatron_gpt", "train", str(TINY),
+                           *[a for s in sets for a in ("--set", s)]], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    secrets = [SECRET, DB_PASSWORD, "corp-secret-9", "hf-secret-7"]
+    output = done.stdout + done.stderr
+    assert not [s for s in secrets if s in output]
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()] + \
+            [p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()]
+    assert len(files) > 5
+    for path in files:
+        data = path.read_bytes()
+        assert not [s for s in secrets if s.encode() in data], path
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "DATABASE_URL: '***'" in saved and "CORP_THING: '***'" in saved and "HF_TOKEN: '***'" in saved
+    assert not list(Path.home().glob(".megatron-gpt-launch-*"))

@@ -160,7 +160,8 @@ def test_dry_run_pdsh_4_nodes_x_8_gpus(tmp_path):
         world_info = json.loads(base64.urlsafe_b64decode(re.search(r"--world_info=(\S+)", line).group(1)))
         assert world_info == {f"node{i}": list(range(8)) for i in range(1, 5)}
     assert "# node 3 (node4), ranks 24-31:" in out
-    assert "(written 0600 at launch, read by every rank, deleted at the end): --set launcher.env.WANDB_API_KEY=***" in out
+    assert "(written 0600 through ssh at launch, removed at the end), read by every rank: " \
+           "--set launcher.env.WANDB_API_KEY=***" in out
 
 
 def test_dry_run_pdsh_include_exclude_and_a_hostfile_that_does_not_fit(tmp_path):

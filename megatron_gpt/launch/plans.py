@@ -48,25 +48,37 @@ class Plan:
     secret_env: list[str] = field(default_factory=list)  # launcher.secret_env, for masking
 
 
+LAUNCH_VARIABLE = "MEGATRON_GPT_LAUNCH"
+"""Where local, slurm and mpirun ranks find the LaunchFile's JSON: the process environment (torchrun,
+srun and mpirun -x pass it on), which only the user can read; never a command line."""
+
+
 @dataclass
 class LaunchFile:
     """Overrides and variables that may not travel on a command line (secrets; for DeepSpeed's
-    runner also any value a remote shell would reparse): written 0600 next to the run (the working
-    directory, which every node shares) when the run starts, read by every rank (training.main
-    --launch-file), deleted when the run ends."""
+    runner also any value a remote shell would reparse). local/slurm/mpirun: in the ranks'
+    environment (LAUNCH_VARIABLE). pdsh/openmpi/mvapich (DeepSpeed puts its exports on the
+    command line): a 0600 file `path` under each node's home, written through ssh's stdin before
+    the runner starts and removed after; ranks read it with training.main --launch-file."""
 
     path: str
     overrides: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    hosts: list[str] = field(default_factory=list)  # where the file is written (hostfile launchers)
 
     def __bool__(self) -> bool:
         return bool(self.overrides or self.env)
+
+    def json(self) -> str:
+        import json
+
+        return json.dumps({"overrides": self.overrides, "env": self.env})
 
 
 def launch_file_path() -> str:
     import uuid
 
-    return os.path.join(os.path.abspath("."), f".megatron-gpt-launch-{uuid.uuid4().hex[:12]}.json")
+    return f"~/.megatron-gpt-launch-{uuid.uuid4().hex[:12]}.json"
 
 
 def split_overrides(cfg: Config, overrides: list[str], shell_safe: bool) -> tuple[list[str], LaunchFile]:
@@ -89,8 +101,10 @@ def _plan_with(make):
 
     def build(cfg: Config, config_files: list[str], overrides: list[str]) -> Plan:
         argv, kept = split_overrides(cfg, overrides, shell_safe=False)
-        p = make(cfg, config_files, argv + ([f"--launch-file={kept.path}"] if kept else []))
+        p = make(cfg, config_files, argv)
         p.launch_file, p.secret_env = (kept or None), list(cfg.launcher.secret_env)
+        if kept and p.kind == "mpirun":  # -x NAME: mpirun passes the value from its own environment
+            p.command[1:1] = ["-x", LAUNCH_VARIABLE]
         return p
 
     build.__doc__ = make.__doc__
@@ -239,6 +253,7 @@ def deepspeed_plan(cfg: Config, config_files: list[str], overrides: list[str]) -
             unset.append(name)
     if kept:
         overrides = [*overrides, f"--launch-file={kept.path}"]
+        kept.hosts = list(active)
     secret = any(environment.is_secret(k, v, la.secret_env) for k, v in {**exports, **kept.env}.items())
     runner_args = ["--hostfile", hostfile, "--launcher", kind, "--master_addr", master,
                    "--master_port", str(la.master_port), "--force_multi", "--no_local_rank", "--module"]

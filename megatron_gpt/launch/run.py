@@ -3,7 +3,6 @@ and the preemption exit code passed back. Never joins a process group itself."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -13,7 +12,7 @@ import tempfile
 
 from megatron_gpt.config.schema import Config
 from megatron_gpt.launch import environment
-from megatron_gpt.launch.plans import RANK_ENTRY, LaunchError, Plan, plan, rank_arguments
+from megatron_gpt.launch.plans import LAUNCH_VARIABLE, RANK_ENTRY, LaunchError, LaunchFile, Plan, plan, rank_arguments
 from megatron_gpt.launch.protocol import ERROR_FILE, EXIT_CODE, EXIT_FILE, SIGNALS
 
 __all__ = ["RANK_ENTRY", "LaunchError", "launch", "describe", "rank_arguments"]
@@ -26,7 +25,9 @@ def describe(p: Plan) -> str:
         lines.append("# DS_ENV_FILE (DeepSpeed exports these on every node): "
                      + " ".join(f"{k}={v}" for k, v in environment.masked(p.env_file, p.secret_env).items()))
     if p.launch_file:
-        lines.append(f"# {p.launch_file.path} (written 0600 at launch, read by every rank, deleted at the end): "
+        where = (f"{p.launch_file.path} on {', '.join(p.launch_file.hosts)} (written 0600 through ssh at launch, "
+                 "removed at the end)" if p.launch_file.hosts else f"{LAUNCH_VARIABLE} in the ranks' environment")
+        lines.append(f"# {where}, read by every rank: "
                      + " ".join([*(f"--set {environment.mask_argument(o, p.secret_env)}" for o in p.launch_file.overrides),
                                  *(f"{k}={shlex.quote(v)}" for k, v in
                                    environment.masked(p.launch_file.env, p.secret_env).items())]))
@@ -59,21 +60,41 @@ def _first_error(path: str) -> tuple[int, str] | None:
         return None
 
 
-def _write_private(path: str, text: str) -> None:
-    """A new file only this user can read (O_EXCL: never through someone's planted link)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+def _remote(host: str, command: str, data: str = "") -> subprocess.CompletedProcess:
+    """`command` run by `host`'s shell over plain ssh (as DeepSpeed's runner reaches it); `data`
+    goes through stdin, never a command line."""
+    return subprocess.run(["ssh", "-o", "BatchMode=yes", host, command], input=data, text=True,
+                          capture_output=True, timeout=120)
+
+
+def _send_launch_file(launch: LaunchFile) -> None:
+    """Write the launch file on every node: 0600 (umask), never over an existing file (set -C)."""
+    name = launch.path.removeprefix("~/")
+    for host in launch.hosts:
+        done = _remote(host, f"set -C; umask 077; cat > {name}", launch.json())
+        if done.returncode != 0:
+            _remove_launch_file(launch)
+            raise LaunchError(f"could not write the launch file ~/{name} on {host} through ssh "
+                              f"({done.stderr.strip()[-300:] or f'exit {done.returncode}'}); fix: check that "
+                              f"`ssh {host}` works without a password from this host")
+
+
+def _remove_launch_file(launch: LaunchFile) -> None:
+    for host in launch.hosts:
+        try:
+            _remote(host, f"rm -f {launch.path.removeprefix('~/')}")
+        except (OSError, subprocess.SubprocessError):
+            pass
 
 
 def run(p: Plan) -> int:
     """Run the plan's command; forward SIGTERM/SIGUSR1 so ranks checkpoint and stop; return its code."""
     env = {k: v for k, v in {**os.environ, **p.env}.items() if k not in p.unset}
     cleanup: list[str] = []
-    if p.launch_file is not None:
-        _write_private(p.launch_file.path, json.dumps({"overrides": p.launch_file.overrides,
-                                                       "env": p.launch_file.env}))
-        cleanup.append(p.launch_file.path)
+    if p.launch_file is not None and not p.launch_file.hosts:
+        env[LAUNCH_VARIABLE] = p.launch_file.json()
+    elif p.launch_file is not None:
+        _send_launch_file(p.launch_file)
     if p.env_file is not None:  # DeepSpeed reads DS_ENV_FILE and exports each line on every node
         fd, path = tempfile.mkstemp(prefix="megatron-gpt-env-")  # 0600: may hold secrets
         with os.fdopen(fd, "w") as f:
@@ -122,6 +143,8 @@ def run(p: Plan) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if p.launch_file is not None and p.launch_file.hosts:
+            _remove_launch_file(p.launch_file)
         for path in cleanup:
             try:
                 os.unlink(path)
@@ -150,4 +173,8 @@ def launch(cfg: Config, config_files: list[str], overrides: list[str], dry_run: 
     if dry_run:
         print(describe(p))
         return 0
-    return run(p)
+    try:
+        return run(p)
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

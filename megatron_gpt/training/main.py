@@ -21,11 +21,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="JSON from the launcher: more overrides and variables (secrets, values a remote "
                              "shell would reparse) that do not travel on the command line")
     args = parser.parse_args(argv)
-    if args.launch_file:
-        import json
+    import json
 
-        with open(args.launch_file, encoding="utf-8") as f:
-            carried = json.load(f)
+    carried = os.environ.pop("MEGATRON_GPT_LAUNCH", None)  # launch.plans.LAUNCH_VARIABLE
+    if args.launch_file:
+        with open(os.path.expanduser(args.launch_file), encoding="utf-8") as f:
+            carried = f.read()
+    if carried:
+        carried = json.loads(carried)
         args.overrides = [*args.overrides, *carried.get("overrides", [])]
         os.environ.update(carried.get("env", {}))
     return args
