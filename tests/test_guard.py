@@ -101,3 +101,45 @@ def test_non_finite_loss_under_pipeline_parallelism(tmp_path, data_cache):
     done, records, ckpt = diverging_run(tmp_path, data_cache, "parallelism.pipeline=2")
     assert "pp 2" in done.stdout, done.stdout[-3000:]
     check_divergence(done, records, ckpt)
+
+
+class FakeOptimizer:
+    """A torch optimizer as DeepSpeed's engine calls it: step() then zero_grad()."""
+
+    def __init__(self, param):
+        self.param, self.steps = param, 0
+
+    def step(self):
+        self.param.data -= 0.1 * self.param.grad
+        self.steps += 1
+
+    def zero_grad(self, set_to_none=True):
+        self.param.grad = None
+
+
+def test_spike_guard_skips_a_loss_far_above_the_recent_median():
+    from megatron_gpt.parallel.groups import Topology
+    from megatron_gpt.training.guard import Diverged, StepGuard
+
+    param = torch.nn.Parameter(torch.ones(3))
+    engine = type("Engine", (), {})()
+    engine.optimizer = FakeOptimizer(param)
+    topo = Topology.__new__(Topology)
+    object.__setattr__(topo, "shared_memory", False)
+    guard = StepGuard(engine, topo, [param], max_skipped=2, spike_factor=3.0)
+    losses = [5.0, 4.9, 4.8, 4.7, 4.6, 4.5, 30.0, 4.4, float("inf"), 40.0]
+    skipped = []
+    for step, loss in enumerate(losses):
+        param.grad = torch.ones(3)
+        guard.loss = torch.tensor(loss)
+        before = param.detach().clone()
+        engine.optimizer.step()
+        assert torch.equal(param, before) == (step in (6, 8, 9)), step  # a skipped step changes nothing
+        try:
+            guard.after_step(step)
+        except Diverged as error:
+            assert step == 9 and "2 steps in a row" in str(error) and "at step 10" in str(error)
+            break
+        skipped.append(guard.skipped_total)
+    # step 7 (30.0 > 3 x median 4.7) and step 9 (inf) skipped; steps 9 and 10 in a row stop the run
+    assert skipped == [0, 0, 0, 0, 0, 0, 1, 1, 2] and engine.optimizer.steps == 7
