@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from .secrets import MASK, URL_CREDENTIALS
 from .schema import Config, Section
 
 from .checks import layout_problems, validate
@@ -108,6 +109,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
+        if key.strip().startswith("launcher") or URL_CREDENTIALS.search(raw):  # may hold a secret: not echoed
+            text = f"{key}={MASK}"
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem}); "
                           f"fix: quote it, e.g. --set '{key.strip()}=\"...\"'") from None
     return parts, value
