@@ -58,6 +58,8 @@ def test_preprocess_workers_die_with_their_parent(tmp_path, sig):
     child.wait(timeout=10)
     gone, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, f"left behind after {sig.name}: {[p.pid for p in alive]}"
+    if sig == signal.SIGTERM:  # a clean stop: nothing half-written left behind
+        assert not list(tmp_path.glob("out*")), list(tmp_path.glob("out*"))
 
 
 def peak_tree_rss(process: subprocess.Popen) -> int:

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional
@@ -182,6 +182,25 @@ def _meta(tokenizer: Tokenizer, key: str, append_eod: bool, dtype: np.dtype, inp
             "bytes": stats.bytes, "skipped_empty": stats.skipped_empty}
 
 
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit in the main thread, so the writers remove their temp files."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _pieces(records: Iterable[tuple[str, ...]]) -> Iterator[tuple[str, ...]]:
     """Single-key records with a long text become Pieces (reader.PIECE_CHARS): bounded memory."""
     for record in records:
@@ -215,6 +234,7 @@ def preprocess_keys(inputs: list[str], outputs: Mapping[str, str], tokenizer: To
     bar = Progress(label, reader.total_bytes) if progress else None
     pool, encode = _executor(workers, tokenizer, dtype, eod)
     with ExitStack() as stack, pool:
+        stack.enter_context(_terminate_as_exit())
         writers = [stack.enter_context(IndexedWriter(outputs[k], dtype)) for k in keys]
         pending: deque[tuple[Future[list[Encoded]], bool]] = deque()
 
