@@ -143,3 +143,8 @@ def test_spike_guard_skips_a_loss_far_above_the_recent_median():
         skipped.append(guard.skipped_total)
     # step 7 (30.0 > 3 x median 4.7) and step 9 (inf) skipped; steps 9 and 10 in a row stop the run
     assert skipped == [0, 0, 0, 0, 0, 0, 1, 1, 2] and engine.optimizer.steps == 7
+
+
+def test_non_finite_loss_under_zero_1(tmp_path, data_cache):
+    """ZeRO-1 keeps the reduced gradients in its own buffers: a skip must drop them too."""
+    check_divergence(*diverging_run(tmp_path, data_cache, "parallelism.zero_stage=1"))
