@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input_dir", "--input-dir", default=None, help="GPT-NeoX: the checkpoint (save_dir or global_step*)")
     p.add_argument("--output_dir", "--output-dir", default=None, help="GPT-NeoX: the HF folder to write")
     p.add_argument("--config_file", default=None, help="GPT-NeoX: ignored (the config is read from the checkpoint)")
-    p.add_argument("--arch", "--architecture", dest="arch", choices=["neox", "llama"], default=None)
+    p.add_argument("--arch", "--architecture", dest="arch", choices=["neox", "llama", "gpt2"], default=None)
     p.add_argument("--dtype", "--precision", dest="dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--tag", default=None)
     p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB")

@@ -37,8 +37,9 @@ class ModelConfig(Section):
     """Normalization: layernorm (GPT-2/NeoX) or rmsnorm (Llama)."""
     norm_eps: float = Field(1e-5, gt=0)
     """Epsilon of the normalization layers."""
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    """MLP activation: gelu (GPT-2/NeoX) or swiglu (gated, Llama)."""
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """MLP activation: gelu (exact, NeoX), gelu_tanh (the tanh approximation GPT-2 was trained with,
+    HF's gelu_new) or swiglu (gated, Llama)."""
     position_embedding: Literal["rotary", "learned"] = "rotary"
     """Position encoding: rotary (NeoX/Llama) or a learned table (GPT-2)."""
     rotary_pct: float = Field(1.0, gt=0, le=1)
@@ -119,6 +120,10 @@ class DataConfig(Section):
     """Train/validation/test weights over whole documents of each data.paths prefix, e.g. "969,30,1"."""
     cache_dir: Optional[str] = None
     """Where preprocessed embedded corpora and index maps go; null means ~/.cache/megatron_gpt."""
+    document_masking: bool = False
+    """Packed documents do not attend to each other: each token attends only within its own
+    document (split after every end-of-document token) and positions restart at each document,
+    in training and validation (SDPA with a block-diagonal causal mask; flash-attn's varlen kernel on GPU)."""
 
 
 class OptimizerConfig(Section):

@@ -32,14 +32,14 @@ import torch
 
 from megatron_gpt.checkpoint.reader import read_checkpoint
 from megatron_gpt.config.schema import Config, ModelConfig
-from megatron_gpt.convert import llama, neox
+from megatron_gpt.convert import gpt2, llama, neox
 from megatron_gpt.convert.adapter import Adapter, UnsupportedOption
 from megatron_gpt.model.names import Layout, fit_rows
 
-ADAPTERS: dict[str, Adapter] = {"neox": neox, "llama": llama}
+ADAPTERS: dict[str, Adapter] = {"neox": neox, "llama": llama, "gpt2": gpt2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOD_TOKEN = "<|endoftext|>"
-_IGNORED_HF_KEYS = re.compile(r"(rotary_emb\.inv_freq|attention\.(masked_)?bias)$")
+_IGNORED_HF_KEYS = re.compile(r"(rotary_emb\.inv_freq|attention\.(masked_)?bias|\.attn\.(masked_)?bias)$")
 """Buffers some HF versions save beside the weights; they are recomputed, not imported."""
 
 
@@ -65,13 +65,17 @@ def rope_of(config: Any) -> dict[str, Any]:
 
 
 def infer_arch(cfg: ModelConfig) -> str:
-    """neox for LayerNorm + GELU models, llama for RMSNorm + SwiGLU ones."""
+    """gpt2 for LayerNorm + GELU models with learned positions, neox for LayerNorm + GELU ones
+    with rotary positions, llama for RMSNorm + SwiGLU ones."""
+    if cfg.norm == "layernorm" and cfg.activation in ("gelu", "gelu_tanh") and cfg.position_embedding == "learned":
+        return "gpt2"
     if cfg.norm == "layernorm" and cfg.activation == "gelu":
         return "neox"
     if cfg.norm == "rmsnorm" and cfg.activation == "swiglu":
         return "llama"
-    raise UnsupportedOption(f"model.norm={cfg.norm} with model.activation={cfg.activation} matches neither "
-                            "GPTNeoXForCausalLM (layernorm + gelu) nor LlamaForCausalLM (rmsnorm + swiglu); "
+    raise UnsupportedOption(f"model.norm={cfg.norm} with model.activation={cfg.activation} matches none of "
+                            "GPT2LMHeadModel (layernorm + gelu + learned positions), GPTNeoXForCausalLM (layernorm + gelu) "
+                            "and LlamaForCausalLM (rmsnorm + swiglu); "
                             "fix: no HF class expresses this model, train with one family's options")
 
 
@@ -126,7 +130,7 @@ def hf_config(adapter: Adapter, cfg: Config, vocab_size: int, tokenizer: Any, dt
 
     from megatron_gpt.model.layers import ffn_size
 
-    cls = getattr(transformers, adapter.ARCHITECTURE.replace("ForCausalLM", "Config"))
+    cls = getattr(transformers, getattr(adapter, "CONFIG_CLASS", adapter.ARCHITECTURE.replace("ForCausalLM", "Config")))
     eod = int(tokenizer.eod)
     pad = int(tokenizer.pad) if int(getattr(tokenizer, "pad", -1)) >= 0 else None
     config = cls(**adapter.hf_config_kwargs(cfg.model, vocab_size, ffn_size(cfg.model)),
@@ -136,6 +140,8 @@ def hf_config(adapter: Adapter, cfg: Config, vocab_size: int, tokenizer: Any, dt
         config.dtype = dtype
     else:
         config.torch_dtype = dtype
+    if not getattr(adapter, "ROTARY", True):
+        return config
     rope = rope_of(config)
     want = {"theta": float(cfg.model.rotary_base), "partial": float(cfg.model.rotary_pct)}
     if abs(rope["theta"] - want["theta"]) > 1e-6 * want["theta"] or abs(rope["partial"] - want["partial"]) > 1e-9 \
@@ -262,6 +268,30 @@ def _model_problems(cfg: Config) -> list[str]:
     return []
 
 
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """OUT/tokenizer.json from `source`: a tokenizer.json, or a folder holding tokenizer.json or
+    GPT-2's vocab.json + merges.txt (converted by transformers); tokenizer_config.json (which
+    carries the chat template) is copied beside it when the folder has one."""
+    folder = source if source.is_dir() else source.parent
+    if source.is_file():
+        shutil.copyfile(source, out / "tokenizer.json")
+    elif (source / "tokenizer.json").is_file():
+        shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
+    elif (source / "vocab.json").is_file() and (source / "merges.txt").is_file():
+        from transformers import GPT2TokenizerFast  # from a folder: vocab_file=/merges_file= build an empty one
+
+        with tempfile.TemporaryDirectory(prefix="megatron-gpt-bpe-") as staging:
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(source / name, Path(staging) / name)
+            GPT2TokenizerFast.from_pretrained(staging).backend_tokenizer.save(str(out / "tokenizer.json.tmp"))
+        os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+    else:
+        raise FileNotFoundError(f"{source}: no tokenizer.json, nor vocab.json + merges.txt; fix: pass --tokenizer PATH "
+                                "to the tokenizer.json (or the folder) the model was trained with")
+    if (folder / "tokenizer_config.json").is_file() and folder.resolve() != out.resolve():
+        shutil.copyfile(folder / "tokenizer_config.json", out / "tokenizer_config.json")
+
+
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1, pipeline: int = 1,
               tokenizer: str | os.PathLike | None = None) -> Path:
     """Write a layout-independent checkpoint of an HF GPTNeoX/Llama folder plus OUT/config.yml."""
@@ -284,12 +314,8 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
                                 + " and ".join(f"{a.MODEL_TYPE} ({a.ARCHITECTURE})" for a in ADAPTERS.values()))
     fields = adapter.model_config(hf, rope_of(hf))
 
-    tokenizer_file = Path(tokenizer) if tokenizer else hf_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"{tokenizer_file}: no tokenizer.json; fix: pass --tokenizer PATH to the tokenizer.json "
-                                "the model was trained with")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    copy_tokenizer(Path(tokenizer) if tokenizer else hf_dir, out)
     tok_cfg = TokenizerConfig(type="hf", path=str(out / "tokenizer.json"))
     tok = build_tokenizer(tok_cfg)
 
@@ -302,9 +328,11 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
         raise UnsupportedOption(f"{hf_dir} cannot be laid out as tensor {tensor} x pipeline {pipeline}: " + "; ".join(problems))
 
     hf_state = read_hf_state(hf_dir)
+    if hasattr(adapter, "normalize_keys"):
+        hf_state = adapter.normalize_keys(hf_state)
     used = adapter.used_keys(cfg.model)
     if cfg.model.tie_embeddings:  # some tied checkpoints also store the (identical) output matrix
-        embedding = next(k for k in used if k.endswith(("embed_in.weight", "embed_tokens.weight")))
+        embedding = next(k for k in used if k.endswith(("embed_in.weight", "embed_tokens.weight", "wte.weight")))
         for name in ("embed_out.weight", "lm_head.weight"):
             if name in hf_state and torch.equal(hf_state[name], hf_state[embedding]):
                 del hf_state[name]

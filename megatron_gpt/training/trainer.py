@@ -34,9 +34,9 @@ def dataset_prefixes(cfg: Config, topo: Topology, cache_dir: str) -> list[str]:
     """The preprocessed prefixes to train on; an embedded corpus is prepared by rank 0 first."""
     if cfg.data.embedded is None:
         return list(cfg.data.paths)
-    prefix = prepare_embedded(cfg.data.embedded, cache_dir) if topo.is_first else None
+    prefix = prepare_embedded(cfg.data.embedded, cache_dir, tokenizer=cfg.tokenizer) if topo.is_first else None
     barrier()
-    return [prefix or prepare_embedded(cfg.data.embedded, cache_dir)]
+    return [prefix or prepare_embedded(cfg.data.embedded, cache_dir, tokenizer=cfg.tokenizer)]
 
 
 def run_dir_path(cfg: Config) -> Path:
@@ -66,7 +66,7 @@ class Trainer:
         self.tokenizer = tokenizer = build_tokenizer(cfg.tokenizer)
         prefixes = dataset_prefixes(cfg, topo, cache_dir)
         vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg)
-        self.model = build_model(cfg, vocab_size, topo)
+        self.model = build_model(cfg, vocab_size, topo, vocab_limit=tokenizer.vocab_size)
         # What the run starts from (a checkpoint in this or another layout, checkpoint.init_from, or
         # nothing); layout-independent weights go into each rank's slice before DeepSpeed wraps the model.
         self.restore = checkpoint_restore.plan_restore(cfg, topo)
