@@ -153,3 +153,33 @@ def test_two_ranks_train_on_sft_data_and_resume_exactly(tmp_path, data_cache):
     batches = torch.load(tmp_path / "batches.pt", weights_only=True)
     mask = torch.cat([b["loss_mask"] for b in batches])
     assert 0.2 < mask.mean().item() < 0.99 and all("position_ids" in b for b in batches)
+
+
+def test_preprocess_sft_command_reads_the_tokenizer_folders_template(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from sft_data import write_sft_corpus
+
+    conversations, pairs, _ = write_sft_corpus(tmp_path / "corpus", conversations=4, pairs=2)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copyfile(sft_tokenizer().path, folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "megatron_gpt", "preprocess-sft", "--input", str(conversations), str(pairs),
+               "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "hf",
+               "--tokenizer-path", str(folder / "tokenizer.json")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "6 examples" in done.stdout and "trained" in done.stdout
+    ours = preprocess_sft_corpus(tmp_path / "corpus", conversations=4, pairs=2)  # the library, same inputs
+    for a, b in ((str(tmp_path / "out"), ours), (str(tmp_path / "out.loss_mask"), ours + ".loss_mask")):
+        assert [x.tolist() for x in IndexedDataset(a)] == [x.tolist() for x in IndexedDataset(b)]
+    (folder / "tokenizer_config.json").unlink()  # no template anywhere: conversations are refused, by line
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "conversations.jsonl:1: a conversation needs a chat template" in done.stderr
+    assert "Traceback" not in done.stderr

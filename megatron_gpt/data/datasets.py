@@ -155,7 +155,9 @@ class Blend(torch.utils.data.Dataset):
         """The samples at `indices` stacked, as `__getitem__` makes them one by one: each sample's
         token ids from megatron-core's own lookup, then GPTDataset.__getitem__'s tensor work
         (shift, loss mask and id fix-up of padding) once for the whole batch. A dozen small
-        tensor ops per sample cost ~1.5 ms of Python per small-model step; this costs ~0.2 ms."""
+        tensor ops per sample cost ~1.5 ms of Python per small-model step; this costs ~0.2 ms.
+        Training reads only this: it adds the SFT loss mask and the per-document position ids
+        (document masking), which megatron-core's `__getitem__` knows nothing of."""
         texts, masks = [], []
         for index in indices:
             component, sample = self.locate(index)

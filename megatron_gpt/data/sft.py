@@ -63,8 +63,9 @@ class ChatTemplate:
         self.special = dict(special or {})
 
     @classmethod
-    def load(cls, template_file: Optional[str], tokenizer_config: Optional[str]) -> "ChatTemplate":
-        """From a Jinja file, else from tokenizer_config.json's chat_template (with its bos/eos)."""
+    def load(cls, template_file: Optional[str], tokenizer_config: Optional[str]) -> Optional["ChatTemplate"]:
+        """From a Jinja file, else from tokenizer_config.json's chat_template (with its bos/eos);
+        None when neither gives one (then only prompt/completion examples can be read)."""
         special: dict[str, str] = {}
         config: dict[str, Any] = {}
         if tokenizer_config and os.path.isfile(tokenizer_config):
@@ -79,9 +80,7 @@ class ChatTemplate:
         if isinstance(source, list):  # several named templates: the default one
             source = next((t.get("template") for t in source if t.get("name") == "default"), None)
         if not source:
-            where = tokenizer_config or "the tokenizer"
-            raise DataError(f"{where}: no chat_template; fix: pass --chat-template FILE.jinja, or use a tokenizer "
-                            "folder whose tokenizer_config.json has one")
+            return None
         return cls(source, special, f"{tokenizer_config}:chat_template")
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
@@ -122,7 +121,7 @@ def example_spans(doc: dict[str, Any], template: Optional[ChatTemplate], where: 
             raise DataError(f"{where}: 'messages' must be a list of {{\"role\": str, \"content\": str}}; fix: correct it")
         if template is None:
             raise DataError(f"{where}: a conversation needs a chat template; fix: pass --chat-template FILE.jinja or "
-                            "a tokenizer folder with tokenizer_config.json")
+                            "--tokenizer-config with a chat_template (tokenizer_config.json beside the tokenizer)")
         return template.spans(messages)
     if isinstance(doc.get("prompt"), str) and isinstance(doc.get("completion"), str):
         return [(text, trained) for text, trained in ((doc["prompt"], False), (doc["completion"], True)) if text]
