@@ -12,8 +12,8 @@ tokenizer files (tokenizer.json + tokenizer_config.json for `hf`/`embedded` toke
 vocab.json + merges.txt for `gpt2bpe`), all loadable offline by `AutoModelForCausalLM` /
 `AutoTokenizer.from_pretrained(OUT)`.
 
-Import reads a GPTNeoX or Llama folder (config.json, safetensors or pytorch_model.bin, sharded or
-not, and its tokenizer.json), maps it to our canonical names, pads the vocabulary for the target
+Import reads a GPTNeoX, Llama or GPT-2 folder (config.json, safetensors or pytorch_model.bin,
+sharded or not, and its tokenizer.json or GPT-2's vocab.json + merges.txt), maps it to our canonical names, pads the vocabulary for the target
 tensor size, and writes a layout-independent checkpoint plus `config.yml` (model, parallelism,
 tokenizer and `checkpoint.init_from`) that `megatron-gpt train` starts from in any layout.
 """
@@ -294,7 +294,7 @@ def copy_tokenizer(source: Path, out: Path) -> None:
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1, pipeline: int = 1,
               tokenizer: str | os.PathLike | None = None) -> Path:
-    """Write a layout-independent checkpoint of an HF GPTNeoX/Llama folder plus OUT/config.yml."""
+    """Write a layout-independent checkpoint of an HF GPTNeoX/Llama/GPT-2 folder plus OUT/config.yml."""
     _require_hf()
     import yaml
     from transformers import AutoConfig

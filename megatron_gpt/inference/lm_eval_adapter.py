@@ -95,7 +95,9 @@ class MegatronGPTLM(LM):
             tokens = torch.zeros(len(batch), width, dtype=torch.long)
             for row, i in enumerate(batch):
                 tokens[row, :len(rows[i][0])] = torch.tensor(rows[i][0])
-            log_probs = F.log_softmax(self.model(tokens).float(), dim=-1)  # right padding: causal, unseen
+            # Over the tokenizer's vocabulary, as training (which hides the padding ids' logits).
+            logits = self.model(tokens)[..., : self.tokenizer.vocab_size]
+            log_probs = F.log_softmax(logits.float(), dim=-1)  # right padding: causal, unseen
             for row, i in enumerate(batch):
                 inputs, targets = rows[i]
                 if not targets:
