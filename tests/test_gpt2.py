@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from test_checkpoints import TINY, common_overrides, losses, run_jobs
+from test_convert import randomize
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -44,13 +45,7 @@ def random_gpt2(folder: Path, bpe_only: bool = False) -> "transformers.GPT2LMHea
     torch.manual_seed(3)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                                        bos_token_id=50256, eos_token_id=50256))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".ln_" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.05)
-    model.save_pretrained(folder)
+    randomize(model, norm_marker=".ln_").save_pretrained(folder)
     for theirs, ours in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         shutil.copyfile(SHARED_GPT2 / theirs, folder / ours)
     if not bpe_only:  # built from the folder: GPT2TokenizerFast(vocab_file=...) is empty in transformers 5
