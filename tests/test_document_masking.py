@@ -40,3 +40,31 @@ def test_packed_documents_equal_each_document_alone(tp):
         assert result[kind]["max_error"] <= 1e-5, (kind, result)
         assert result[kind]["unmasked_error"] > 1e-2  # without masking the later documents see the earlier ones
         assert result[kind]["nats_error"] <= 1e-3  # validation's sum over 45 tokens, float32
+
+
+def test_flash_varlen_call_matches_the_sdpa_mask():
+    """The GPU path's cu_seqlens (flash-attn is not on this machine): a stand-in with flash-attn's
+    varlen signature that attends causally within each [cu_seqlens[i], cu_seqlens[i+1]) of the
+    flattened batch gives what SDPA gives with the block-diagonal mask."""
+    import torch.nn.functional as F
+
+    from megatron_gpt.data.datasets import document_positions
+    from megatron_gpt.model.layers import _flash_varlen, document_mask
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal):
+        assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and causal and dropout_p == 0.0
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+        out = torch.empty_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                                      v[a:b].transpose(0, 1), is_causal=True).transpose(0, 1)
+        return out
+
+    torch.manual_seed(0)
+    tokens = torch.tensor([[3, 4, 0, 5, 6, 7, 0, 8], [9, 9, 9, 0, 1, 0, 2, 3]])
+    positions = document_positions(tokens, 0)
+    q, k, v = (torch.randn(2, 8, 4, 16) for _ in range(3))  # [batch, seq, heads, head_dim]
+    flash = _flash_varlen(varlen, q, k, v, positions, 0.0)
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=document_mask(positions)).transpose(1, 2)
+    assert flash.shape == q.shape and (flash - sdpa).abs().max() < 1e-6

@@ -3,8 +3,9 @@
 A randomly initialized GPT2LMHeadModel with GPT-2's vocabulary (50257) and the real GPT-2 BPE
 files (../shared/tokenizers/gpt2, converted into the HF tokenizer folder), saved locally:
 - import-hf (tokenizer.json, and a second folder with only vocab.json + merges.txt) for
-  tp 2 x pp 2: our forward equals transformers' logits within 1e-4; exporting the import gives
-  the original tensors bit for bit;
+  tp 2 x pp 2: our forward equals transformers' logits within 1e-4, in one process and laid out at
+  tp 2 (2 ranks, vocab-parallel logits gathered); exporting the import gives the original tensors
+  bit for bit;
 - `megatron-gpt train` from the import at tp 2 x pp 2: its first loss equals transformers' on
   the same batch, and the checkpoint it saves (4 ranks) loads with transformers' logits and
   exports bit for bit;
@@ -134,6 +135,24 @@ def test_import_matches_transformers_and_exports_bit_for_bit(work, single_proces
     print(f"gpt2 saved at tp2 x pp2: max logits error {error:.2e}")
     assert error <= 1e-4
     assert_bit_equal(export_hf(tmp / "ckpt-import", tmp / "reexport-trained", arch="gpt2"))
+
+
+def test_import_logits_at_tensor_parallel_2(work):
+    """The import laid out at tp 2 (column/row-parallel slices, vocab-parallel logits gathered)."""
+    from transformers import AutoTokenizer
+
+    tmp, models, _ = work
+    tokens = torch.tensor([AutoTokenizer.from_pretrained(tmp / "hf-json")(TEXT)["input_ids"]])
+    torch.save(tokens, tmp / "tokens.pt")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "tp_logits_check.py"), str(tmp / "imported-json"),
+                           str(tmp / "tokens.pt"), str(tmp / "logits-tp2.pt")],
+                          capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    with torch.no_grad():
+        error = (torch.load(tmp / "logits-tp2.pt", weights_only=True) - models["json"](tokens).logits).abs().max().item()
+    print(f"gpt2 import at tp 2: max |logits(ours) - logits(transformers)| = {error:.2e}")
+    assert error <= 1e-4
 
 
 def test_finetune_recipe_trains_from_the_import(work):
