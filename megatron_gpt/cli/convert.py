@@ -12,7 +12,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     return _guard(lambda: export_hf(args.checkpoint, args.out, arch=args.arch, dtype=args.dtype, tag=args.tag,
                                     max_shard_size=args.max_shard_size, vocab_size=args.vocab_size,
-                                    tokenizer=not args.no_tokenizer))
+                                    tokenizer=not args.no_tokenizer, tokenizer_file=args.tokenizer))
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -47,6 +47,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="embedding rows to keep (default: the tokenizer's vocabulary; the rest is padding)")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file to use instead of the copy saved in the checkpoint (gpt2bpe: a folder with encoder.json and vocab.bpe)")
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
