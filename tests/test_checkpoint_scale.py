@@ -127,6 +127,18 @@ def start(command: list[str], tmp: Path, extra_env: dict[str, str]) -> subproces
                             start_new_session=True)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children first."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            children = (task / "children").read_text().split() if (task / "children").exists() else []
+            found += [int(c) for c in children]
+            queue += [int(c) for c in children]
+    return found
+
+
 def run_harness(jobs: list[dict], tmp: Path, slow: str) -> dict[str, list[dict]]:
     (tmp / "out").mkdir()
     (tmp / "jobs.json").write_text(json.dumps(jobs))
@@ -203,7 +215,8 @@ def test_kill_during_background_write_keeps_latest_on_the_previous_tag(tmp_path,
             break
         time.sleep(0.5)
     time.sleep(1)
-    os.killpg(process.pid, signal.SIGKILL)
+    for pid in [process.pid, *descendants(process.pid)]:  # the launcher starts ranks in their own sessions
+        os.kill(pid, signal.SIGKILL)
     output, _ = process.communicate()
     assert '"step": 6' in metrics.read_text(), output[-4000:]
     assert (ckpt / "latest").read_text().strip() == "global_step2"
