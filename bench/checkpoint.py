@@ -36,6 +36,9 @@ def old_save(engine, model, folder: Path, tag: str) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from megatron_gpt.checkpoint.engine_state import _link_zero_fragments
+
+    _link_zero_fragments(engine)  # as the previous save did: every moment fragment linked
     engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
     full = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
     for name, param in model.named_parameters():
@@ -111,7 +114,7 @@ def main() -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(common.REPO)}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            print(done.stdout[-3000:] + done.stderr[-3000:], file=sys.stderr)
+            print(done.stdout + done.stderr, file=sys.stderr)
             return 1
         t = json.loads((work / "times.json").read_text())
         old_bytes, old_largest = folder_bytes(work / "old" / "global_step1")

@@ -1,6 +1,7 @@
 """Checkpoints from someone else: nothing pickled is ever loaded, and a checkpoint carries its tokenizer.
 
-- A run trained with an `hf` tokenizer, its save_dir copied elsewhere and the original
+- A run trained with an `hf` tokenizer (and checkpoint.deepspeed_files, which writes DeepSpeed's
+  own files beside, in save_dir/deepspeed), its save_dir copied elsewhere and the original
   tokenizer.json deleted: generate and export-hf work from the copy inside the tag (`--tokenizer`
   overrides it), and no file of the checkpoint is a pickle or a torch.save archive.
 - Folders carrying pickle payloads (DeepSpeed's *_model_states.pt / *_optim_states.pt names, a
@@ -52,9 +53,12 @@ def trained(tmp_path_factory, data_cache) -> tuple[Path, Path]:
     shutil.copyfile(TOKENIZER_ASSET, tokenizer)
     sets = ["tokenizer.type=hf", f"tokenizer.path={tokenizer}", f"data.cache_dir={data_cache}",
             f"logging.run_dir={tmp / 'run'}", "logging.plot=false", "training.train_steps=2", "training.eval_iters=1",
-            f"checkpoint.save_dir={tmp / 'ckpt'}", "training.generate_samples=0"]
+            f"checkpoint.save_dir={tmp / 'ckpt'}", "training.generate_samples=0", "checkpoint.deepspeed_files=true"]
     done = cli("train", str(TINY), *[a for s in sets for a in ("--set", s)], cwd=tmp)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # checkpoint.deepspeed_files: DeepSpeed's own (pickled) files, outside the tag folder.
+    assert list((tmp / "ckpt" / "deepspeed" / "global_step2").glob("*model_states.pt"))
+    shutil.rmtree(tmp / "ckpt" / "deepspeed")
     moved = tmp / "elsewhere" / "ckpt"
     shutil.copytree(tmp / "ckpt", moved)
     shutil.rmtree(tmp / "ckpt")

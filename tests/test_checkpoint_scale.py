@@ -193,6 +193,8 @@ def test_each_rank_saves_only_its_shard_and_async_matches_sync(tmp_path, data_ca
         finished = record["write_finished"]["global_step2"]
         assert record["steps"]["4"] < finished, (rank, record)
         assert record["saves"][0]["blocked_s"] < 1.0
+        copied = record["saves"][0]  # the host copy an async save makes: once its shard, no more
+        assert copied["shard_bytes"] <= copied["built_bytes"] <= 1.25 * copied["shard_bytes"], copied
     assert (tmp_path / "ckpt-async" / "latest").read_text() == "global_step5"
     assert json.loads((tmp_path / "ckpt-async" / "global_step2" / "metadata.json").read_text())["step"] == 2
 
