@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB")
     p.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=None)
     p.add_argument("--no-tokenizer", dest="no_tokenizer", action="store_true")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file to use instead of the copy in the checkpoint")
     args = p.parse_args(argv)
     rest = list(args.positional)
     args.checkpoint = args.input_dir or (rest.pop(0) if rest else None)

@@ -16,7 +16,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for the hub
     export_hf(args.checkpoint, args.out, arch=args.arch, dtype=args.dtype, tag=args.tag,
-              max_shard_size=args.max_shard_size, vocab_size=args.vocab_size, tokenizer=not args.no_tokenizer)
+              max_shard_size=args.max_shard_size, vocab_size=args.vocab_size, tokenizer=not args.no_tokenizer,
+              tokenizer_file=args.tokenizer)
     return 0
 
 
@@ -42,6 +43,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="embedding rows to keep (default: the tokenizer's vocabulary; the rest is padding)")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not write tokenizer files")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file to use instead of the copy saved in the checkpoint (gpt2bpe: a folder with encoder.json and vocab.bpe)")
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:

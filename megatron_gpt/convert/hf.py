@@ -191,15 +191,16 @@ def _portable_tokenizer_class(out: Path) -> None:
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: str | None = None, dtype: str = "fp32",
               tag: str | None = None, max_shard_size: str | int = "5GB", vocab_size: int | None = None,
-              tokenizer: bool = True) -> Path:
-    """Write an HF folder for `checkpoint`; returns it. Raises UnsupportedOption for a model the
+              tokenizer: bool = True, tokenizer_file: str | os.PathLike | None = None) -> Path:
+    """Write an HF folder for `checkpoint`; returns it (tokenizer_file: instead of the checkpoint's
+    own tokenizer copy). Raises UnsupportedOption for a model the
     chosen HF class cannot express."""
     _require_hf()
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    source = read_checkpoint(checkpoint, tag)
+    source = read_checkpoint(checkpoint, tag, tokenizer_file)
     cfg = source.cfg
     arch = arch or infer_arch(cfg.model)
     if arch not in ADAPTERS:
@@ -301,7 +302,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
 
     from megatron_gpt.config import config_to_dict, padded_vocab_size
     from megatron_gpt.config.schema import TokenizerConfig
-    from megatron_gpt.checkpoint.universal import write_meta, write_shard
+    from megatron_gpt.checkpoint.saving import write_full
     from megatron_gpt.data.tokenizer import build_tokenizer
 
     hf_dir, out = Path(hf_dir), Path(out).resolve()
@@ -354,12 +355,9 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
     for name in Layout.of(cfg.model).vocab_names():
         state[name] = fit_rows(state[name], padded)
 
-    for stale in out.glob("stage*.pt"):
-        stale.unlink()
-    write_shard(out, 0, state)
-    write_meta(out, {"step": 0, "consumed_samples": 0, "config": config_to_dict(cfg), "optimizer": None,
-                     "lr_scheduler": None, "source": {"hf_dir": str(hf_dir.resolve()), "architecture": adapter.ARCHITECTURE,
-                                                       "vocab_rows": rows}})
+    for stale in [*out.glob("stage*.pt"), out / "universal.json"]:  # an older import's pickled format
+        stale.unlink(missing_ok=True)
+    write_full(out, state, cfg, tok)
     sections = {key: config_to_dict(cfg)[key] for key in ("name", "model", "parallelism", "tokenizer", "checkpoint")}
     sections["parallelism"] = {"tensor": tensor, "pipeline": pipeline}
     sections["checkpoint"] = {"init_from": str(out)}

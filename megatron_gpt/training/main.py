@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from megatron_gpt.checkpoint.errors import CheckpointError
     from megatron_gpt.data.errors import DataError
     from megatron_gpt.parallel.groups import shutdown
     from megatron_gpt.training.trainer import train
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             say_line(f"rank {dist.get_rank()}/{dist.get_world_size()}: finished")
     except preemption.Preempted:
         return preemption.exit_code()
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_gpt.checkpoint import restore as checkpoint_restore, store as checkpoint_store
+from megatron_gpt.checkpoint import Saver, restore as checkpoint_restore, store as checkpoint_store
 from megatron_gpt.config import batch_layout, config_to_dict, padded_vocab_size
 from megatron_gpt.config.schema import Config
 from megatron_gpt.data.datasets import SampleOrder, build_datasets, byte_lengths_table, collate
@@ -91,6 +91,7 @@ class Trainer:
         self.valid_batches = eval_batches(valid_set, self.order, cfg.training.eval_iters, topo.device)
         self.byte_lengths = byte_lengths_table(tokenizer, vocab_size)
         self.start_step = self.restore.finish(self.engine, self.model, cfg, topo)
+        self.saver = Saver()
 
         self.run_dir = run_dir = prepare_run_dir(cfg, topo)
         tokens_per_step = layout.global_batch_size * cfg.model.seq_length
@@ -141,9 +142,10 @@ class Trainer:
                  f"validation bits per byte {result['val_bpb']:.4f}")
         return result
 
-    def save(self, step: int) -> str:
-        return checkpoint_store.save(self.engine, self.cfg, step, step * self.layout.global_batch_size,
-                               model=self.model, topo=self.topo, tokenizer=self.tokenizer)
+    def save(self, step: int, asynchronous: bool = False) -> str:
+        """Collective: this rank writes its shard of checkpoint `step` (in the background if asked)."""
+        return self.saver.save(self.engine, self.cfg, step, step * self.layout.global_batch_size, self.model, self.topo,
+                               self.tokenizer, asynchronous=asynchronous)
 
     def run(self) -> dict:
         """Train from the resumed step to train_steps; returns the final validation metrics."""
@@ -163,7 +165,7 @@ class Trainer:
                 self.evaluate(done)
                 self.metrics.window_start = time.perf_counter()  # keep eval time out of tokens/s
             if save_every and done % save_every == 0 and done != steps:
-                self.save(done)
+                self.save(done, asynchronous=cfg.checkpoint.async_save)
             if done != steps and self.stop_requested():  # a signal on any rank: all stop here
                 self.stop_for_preemption(done)
         trained = steps - self.start_step
@@ -175,6 +177,7 @@ class Trainer:
         self.say(f"validation bits per byte: {result['val_bpb']:.4f}")
         if cfg.checkpoint.save_dir and trained:
             self.say(f"saved checkpoint {self.save(steps)}")
+        self.saver.wait()  # a background save still writing (no final save: nothing trained)
         self.generate_samples()
         self.finish()
         return result
@@ -185,7 +188,7 @@ class Trainer:
         self.metrics.flush()
         path = None
         if save_dir:
-            just_saved = checkpoint_store.latest_tag(save_dir) == checkpoint_store.tag_for(step)
+            just_saved = checkpoint_store.latest_tag(save_dir) == checkpoint_store.tag_for(step) and self.saver.pending is None
             path = os.path.join(save_dir, checkpoint_store.tag_for(step)) if just_saved else self.save(step)
             self.say(f"preempted: saved checkpoint {path} at step {step}; exiting with code {EXIT_CODE}, "
                      "relaunch to resume from it")
