@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 FAMILIES = {
     # NeoX style with tied embeddings (exercises TiedLayerSpec across pipeline stages).
@@ -25,7 +26,26 @@ FAMILIES = {
     # Llama style with grouped-query attention and an untied output layer.
     "llama": ["model.norm=rmsnorm", "model.activation=swiglu", "model.bias=false",
               "model.num_attention_heads=8", "model.num_kv_heads=4", "model.tie_embeddings=false"],
+    # NeoX style trained on a blend of SFT data (per-token loss masks) and the embedded corpus,
+    # with packed documents masked from each other (data.document_masking).
+    "neox-sft-docmask": ["model.parallel_residual=true", "model.rotary_pct=0.5", "model.tie_embeddings=true",
+                         "data.document_masking=true", "data.embedded=null", "data.weights=[0.6,0.4]"],
 }
+
+
+def family_data(out: Path, family: str) -> list[str]:
+    """Data overrides a family needs, prepared once by rank 0 (the SFT prefix and the embedded corpus)."""
+    if "sft" not in family:
+        return []
+    from megatron_gpt.data.embedded import prepare_embedded
+    from sft_data import preprocess_sft_corpus, sft_tokenizer
+
+    sft, corpus = out / "sft" / "sft", out / "corpus"
+    if dist.get_rank() == 0 and not corpus.exists():  # once per harness output folder
+        preprocess_sft_corpus(out / "sft")
+        corpus.write_text(prepare_embedded("shakespeare", str(out / "cache"), tokenizer=sft_tokenizer()))
+    dist.barrier()
+    return [f"data.paths=[{sft},{corpus.read_text()}]", "tokenizer.type=hf", f"tokenizer.path={sft_tokenizer().path}"]
 
 
 def full_gradients(engine, model) -> dict[str, torch.Tensor]:
@@ -67,7 +87,8 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
         "training.train_steps=8", "training.global_batch_size=8", "training.micro_batch_size=2",
         "training.eval_iters=1", "checkpoint.save_dir=null",
     ]
-    cfg = load_config([str(REPO / "tests" / "configs" / "tiny.yml")], overrides, world_size=world)
+    cfg = load_config([str(REPO / "tests" / "configs" / "tiny.yml")], overrides + family_data(out, family),
+                      world_size=world)
     trainer = Trainer(cfg)
     engine = trainer.engine
     if dist.get_rank() == 0:  # which code all-reduced the gradients (tests assert the intended one ran)

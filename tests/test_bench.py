@@ -49,6 +49,12 @@ def test_mfu(data_cache):
     assert re.match(r"mfu \(CPU, fp32\): small [0-9.]+%( \(BUSY\))? \([0-9.,]+ of [0-9.,]+ GFLOP/s matmul", line), line
 
 
+def test_checkpoint(data_cache):
+    line = bench("checkpoint.py", "--layers", "1", "--hidden", "128", "--cache-dir", str(data_cache))
+    assert re.match(r"checkpoint \(\d+M parameters, dp 2, ZeRO-1, CPU\): save old [0-9.]+s / new [0-9.]+s; load old "
+                    r"[0-9.]+s / new [0-9.]+s; on disk old \d+ MiB \(largest file \d+\) / new \d+ MiB", line), line
+
+
 def test_gpu_script_is_valid_and_says_when_there_is_no_gpu():
     script = REPO / "bench" / "gpu.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

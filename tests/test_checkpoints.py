@@ -138,27 +138,20 @@ def test_resume_in_another_layout_matches_an_uninterrupted_run(tmp_path, data_ca
 
 DIE_DURING_SAVE = textwrap.dedent('''
     """Test fault: the rank named by MEGATRON_GPT_TEST_DIE ("RANK:TAG") dies while saving TAG,
-    after writing half of its first file there."""
+    after writing half of its shard file there (before renaming it into place)."""
     import os
 
     _spec = os.environ.get("MEGATRON_GPT_TEST_DIE", "")
     if _spec and os.environ.get("RANK") == _spec.split(":")[0]:
-        import io
+        _tag, _real_replace = _spec.split(":")[1], os.replace
 
-        import torch
+        def _dying_replace(src, dst, *args, **kwargs):
+            if _tag in str(dst) and str(dst).endswith(".safetensors"):
+                os.truncate(src, os.path.getsize(src) // 2)
+                os._exit(1)
+            return _real_replace(src, dst, *args, **kwargs)
 
-        _tag, _real_save = _spec.split(":")[1], torch.save
-
-        def _dying_save(obj, f, *args, **kwargs):
-            if _tag not in str(f):
-                return _real_save(obj, f, *args, **kwargs)
-            buffer = io.BytesIO()
-            _real_save(obj, buffer, *args, **kwargs)
-            with open(f, "wb") as out:
-                out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            os._exit(1)
-
-        torch.save = _dying_save
+        os.replace = _dying_replace
 ''')
 
 
@@ -179,10 +172,11 @@ def test_a_save_killed_midway_leaves_latest_on_the_previous_checkpoint(tmp_path,
                            capture_output=True, text=True, timeout=600)
     assert first.returncode != 0, "the rank was meant to die while saving step 6"
 
-    # Rank 1 wrote half of its model-state file, then died: the step-6 folder exists, without
-    # metadata.json, and `latest` still names step 3.
+    # Rank 1 wrote half of its shard file, then died: the step-6 folder exists, without
+    # metadata.json and without rank 1's shard, and `latest` still names step 3.
     torn = ckpt / "global_step6"
-    assert (torn / "mp_rank_01_model_states.pt").is_file()
+    assert (torn / "shards" / "rank00000.safetensors").is_file()
+    assert not (torn / "shards" / "rank00001.safetensors").exists()
     assert not (torn / checkpoint.METADATA).exists()
     assert (ckpt / "latest").read_text().strip() == "global_step3"
     assert checkpoint.complete_checkpoints(ckpt) == [ckpt / "global_step3"]
@@ -218,8 +212,8 @@ def test_a_save_killed_midway_leaves_latest_on_the_previous_checkpoint(tmp_path,
     assert metadata["tokenizer"]["vocab_size"] == 2048 and metadata["tokenizer"]["config"]["type"] == "embedded"
     assert (ckpt / "global_step6" / metadata["tokenizer"]["files"][0]).is_file()
     assert metadata["code"]["megatron_gpt"] and "torch" in metadata["code"]
-    universal = json.loads((ckpt / "global_step6" / "universal" / "universal.json").read_text())
-    assert universal["step"] == 6 and universal["optimizer"]["step"] == 6
+    assert metadata["optimizer"]["step"] == 6 and metadata["files"] == ["shards/rank00000.safetensors",
+                                                                        "shards/rank00001.safetensors"]
 
 
 if __name__ == "__main__":

@@ -61,13 +61,18 @@ def random_hf_model(family: str):
                              num_key_value_heads=4, intermediate_size=192, max_position_embeddings=64,
                              rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
         model = LlamaForCausalLM(config)
+    return randomize(model, norm_marker="norm").eval()
+
+
+def randomize(model, norm_marker: str):
+    """Every tensor random: norm weights (names holding `norm_marker`) near 1, the rest N(0, 0.05)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
+            if norm_marker in name and name.endswith("weight"):
                 param.copy_(1 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, 0.05)
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """load_checkpoint reads a checkpoint saved under any layout into the same single-process model.
 
 Every layout trains like one process (tests/test_parallelism.py proves it within 1e-6 here), so
-the checkpoints of one tiny run under three layouts, each written in a different DeepSpeed form,
-must merge into the same weights (within 1e-5) and give the same logits (within 1e-4):
+the checkpoints of one tiny run under three layouts, each rank writing its own pieces in the sharded
+format, must merge into the same weights (within 1e-5) and give the same logits (within 1e-4):
 
-- tp=1, pp=1, dp=1: `mp_rank_00_model_states.pt`, the module's state under "module";
-- tp=2, pp=2: one `layer_XX-model_YY-model_states.pt` per layer and tensor rank;
-- tp=2, ZeRO-3, dp=2: empty module placeholders, parameters in each data rank's fp32 partition.
+- tp=1, pp=1, dp=1: one shard holding whole tensors;
+- tp=2, pp=2: four shards, each a pipeline stage's tensor-parallel slices;
+- tp=2, ZeRO-3, dp=2: four shards, each a data rank's flat partition of a tensor-parallel slice.
 """
 
 from __future__ import annotations
@@ -40,12 +40,11 @@ def test_every_layout_loads_into_the_same_model(train, tmp_path):
         loaded[name] = load_checkpoint(str(save_dir))
         folders[name] = save_dir / f"global_step{STEPS}"
 
-    # Each run wrote the form it is meant to exercise.
-    assert (folders["tp1-pp1-dp1"] / "mp_rank_00_model_states.pt").is_file()
-    assert sorted(p.name for p in folders["tp2-pp2"].glob("layer_00-*")) == [
-        "layer_00-model_00-model_states.pt", "layer_00-model_01-model_states.pt"]
-    assert len(list(folders["tp2-zero3-dp2"].glob("zero_pp_rank_*_mp_rank_*_optim_states.pt"))) == 4
-    assert not list(folders["tp2-zero3-dp2"].glob("mp_rank_*_model_states.pt"))
+    # Each run wrote the form it is meant to exercise: one shard per rank, nothing pickled.
+    assert [p.name for p in (folders["tp1-pp1-dp1"] / "shards").iterdir()] == ["rank00000.safetensors"]
+    for name in ("tp2-pp2", "tp2-zero3-dp2"):
+        assert len(list((folders[name] / "shards").glob("rank*.safetensors"))) == 4
+    assert not [p for f in folders.values() for p in f.rglob("*.pt")]
 
     base = loaded["tp1-pp1-dp1"]
     base_tensors = tensors(base.model)

@@ -24,7 +24,7 @@ LAYOUTS = [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (2, 1, 2), (2, 1, 3), (1,
 # Plain data parallelism over 2 ranks, one thread each: on a host with 2 cores the gradients go
 # through DeepSpeed's shared-memory all-reduce (megatron_gpt/parallel/cpu/shared_memory.py), not the engine.
 SHARED_MEMORY_LAYOUT = (1, 1, 0)
-FAMILIES = ["llama", "neox"]
+FAMILIES = ["llama", "neox", "neox-sft-docmask"]
 
 
 def run_harness(out: Path, family: str, nproc: int, layouts: list[tuple[int, int, int]]) -> str:

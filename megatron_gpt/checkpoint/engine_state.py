@@ -1,21 +1,31 @@
-"""Moving training state between a DeepSpeed engine and full tensors under canonical names, in
-any tensor/pipeline/data layout and ZeRO stage: gathering it for the layout-independent copy, and
-setting each rank's slice of it on restore. DeepSpeed's public safe_get/set_full_* functions reach
-into ZeRO's partitions; tensor-parallel slices follow megatron-core's partition attributes."""
+"""Moving training state between a DeepSpeed engine and the sharded format, rank by rank.
+
+Saving, each rank takes only what it holds, as views of the engine's own tensors: its
+tensor-parallel slice (megatron-core's partition attributes) and, under ZeRO, its data-parallel
+partition of the fp32 weights and AdamW moments: under ZeRO-3 DeepSpeed's
+`safe_get_local_fp32_param` / `safe_get_local_optimizer_state` (rank r of the partition group holds
+elements [r * n, (r + 1) * n) of the flattened slice, n its padded partition size); under ZeRO 1/2
+each parameter's `_hp_mapping` (`lp_fragment_address`: where the fragment sits in the flattened
+slice; `get_hp_fragment(key)`: the fp32 weight or moment), what DeepSpeed's own universal
+checkpoint reads. Without ZeRO, data rank 0 writes the slice. No collective gathers anything.
+
+Restoring, each rank reads just its own region through `Sharded.read`, whatever layout saved it.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import random
 from typing import Any
 
+import numpy as np
 import torch
 
-from megatron_gpt.checkpoint.errors import CheckpointError
-from megatron_gpt.checkpoint.universal import STATE_KEYS, Universal, write_shard
+from megatron_gpt.checkpoint.sharded import KINDS, Piece, Sharded
 from megatron_gpt.config.schema import Config
-from megatron_gpt.model.names import Layout, canonical_names, fit_rows
+from megatron_gpt.model.names import Layout, canonical_names
 
+STATE_KEYS = KINDS[1:]
 
 
 def _base_optimizer(engine):
@@ -24,39 +34,22 @@ def _base_optimizer(engine):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _zero_managed(param) -> bool:
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
-
-
 def _full_shape(param) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", None) or param.shape)
 
 
-def _gather_tensor_parallel(value: torch.Tensor, param, tensor: int) -> torch.Tensor:
-    """This rank's slice -> the full tensor, concatenated along the partition dimension."""
-    if tensor == 1 or not getattr(param, "tensor_model_parallel", False):
-        return value
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    pieces = [torch.empty_like(value) for _ in range(tensor)]
-    dist.all_gather(pieces, value.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(pieces, dim=param.partition_dim)
+def tp_chunk(param, topo) -> tuple[int, int, int]:
+    """[dim, count, index] of this rank's tensor-parallel slice of `param` (count 1: replicated)."""
+    if topo.tensor > 1 and getattr(param, "tensor_model_parallel", False):
+        return (int(param.partition_dim), topo.tensor, topo.tensor_rank)
+    return (0, 1, 0)
 
 
-def _local_value(engine, param, key: str | None) -> torch.Tensor:
-    """This tensor rank's full-over-data-parallel fp32 weight (key None) or optimizer moment.
-    Collective over the data-parallel group under ZeRO: every rank calls it in the same order."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if _zero_managed(param):
-        value = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
-        if value is not None:
-            return value.detach().float().reshape(_full_shape(param))
-    if key is None:
-        return param.detach().float()
-    state = _base_optimizer(engine).state.get(param, {})
-    return state[key].detach().float() if key in state else torch.zeros_like(param, dtype=torch.float32)
+def global_shape(param, topo) -> tuple[int, ...]:
+    shape = list(_full_shape(param))
+    dim, count, _ = tp_chunk(param, topo)
+    shape[dim] *= count
+    return tuple(shape)
 
 
 def _link_zero_fragments(engine) -> None:
@@ -69,43 +62,95 @@ def _link_zero_fragments(engine) -> None:
         optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def _optimizer_step(engine) -> int | None:
+def optimizer_step(engine) -> int | None:
     steps = [float(s["step"]) for s in _base_optimizer(engine).state.values() if "step" in s]
     return int(max(steps)) if steps else None
 
 
-def save_universal(engine, model, cfg: Config, topo, folder: Path) -> dict[str, Any]:
-    """Collective: every rank gathers its stage's full tensors; one rank per pipeline stage writes
-    them. Returns what universal.json records about the optimizer (the same on every rank)."""
-    import torch.distributed as dist
+def _held(engine, param, topo, kind: str) -> tuple[int, torch.Tensor] | None:
+    """(start, this rank's flat run of `kind`) for `param`, a view where the engine allows, or None."""
+    key = None if kind == "param" else kind
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-    names = canonical_names(model)
-    with_states = _optimizer_step(engine) is not None
-    if dist.is_initialized():  # every rank must make the same collective calls below
-        flag = torch.tensor([int(with_states)], device=next(model.parameters()).device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        with_states = bool(flag.item())
+        local = safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
+        numel = int(param.ds_numel)
+        start = topo.data_rank * local.numel()
+        end = min(start + local.numel(), numel)
+        return (start, local.reshape(-1)[: end - start]) if start < end else None
+    if hasattr(param, "_hp_mapping"):  # ZeRO 1/2
+        mapping = param._hp_mapping
+        if mapping is None:  # every element of this parameter lives in other ranks' partitions
+            return None
+        return mapping.lp_fragment_address.start, mapping.get_hp_fragment(key).reshape(-1)
+    if topo.data_rank != 0:  # replicated over data ranks: one copy is enough
+        return None
+    if key is None:
+        return 0, param.detach().reshape(-1)
+    state = _base_optimizer(engine).state.get(param, {})
+    return (0, state[key].detach().reshape(-1)) if key in state else None
+
+
+def collect(engine, model, topo, with_states: bool, copy: bool) -> tuple[dict[str, torch.Tensor], list[Piece], int]:
+    """This rank's pieces: {safetensors key: fp32 CPU tensor}, their index, and the bytes of host
+    memory built for them (views of the engine's CPU tensors cost none; `copy` (async saves) and
+    device-to-host moves do)."""
     if with_states:
         _link_zero_fragments(engine)
-    params: dict[str, torch.Tensor] = {}
-    states: dict[str, dict[str, torch.Tensor]] = {key: {} for key in STATE_KEYS} if with_states else {}
+    names = canonical_names(model)
+    tensors: dict[str, torch.Tensor] = {}
+    pieces: list[Piece] = []
+    built = 0
     for name, param in model.named_parameters():
-        canonical = names[name]
-        params[canonical] = _gather_tensor_parallel(_local_value(engine, param, None), param, topo.tensor).cpu()
-        for key in states:
-            states[key][canonical] = _gather_tensor_parallel(_local_value(engine, param, key), param, topo.tensor).cpu()
-    if topo.tensor_rank == 0 and topo.data_rank == 0:
-        write_shard(folder, topo.pipeline_rank, params, states)
-    optimizer = None
-    if with_states:
-        optimizer = {"step": _optimizer_step(engine),
-                     "lrs": [float(group["lr"]) for group in _base_optimizer(engine).param_groups]}
+        for kind in KINDS if with_states else KINDS[:1]:
+            held = _held(engine, param, topo, kind)
+            if held is None:
+                continue
+            start, value = held
+            host = value.detach().to("cpu", torch.float32)
+            if copy and host.data_ptr() == value.data_ptr():
+                host = host.clone()
+            if host.data_ptr() != value.data_ptr():
+                built += host.numel() * host.element_size()
+            piece = Piece(kind, names[name], global_shape(param, topo), tp_chunk(param, topo), start, start + host.numel())
+            tensors[piece.key] = host
+            pieces.append(piece)
+    return tensors, pieces, built
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's RNG states: torch's as tensors, Python's and NumPy's as JSON."""
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return tensors, {"python": [version, list(state), gauss],
+                     "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+
+
+def set_rng_state(torch_state: torch.Tensor | None, other: dict[str, Any]) -> None:
+    if torch_state is not None:
+        torch.set_rng_state(torch_state.to(torch.uint8))
+    if "python" in other:
+        version, state, gauss = other["python"]
+        random.setstate((version, tuple(state), gauss))
+    if "numpy" in other:
+        name, keys, pos, has_gauss, cached = other["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def optimizer_record(engine) -> dict[str, Any]:
+    """What metadata.json records about the optimizer and LR schedule (the same on every rank)."""
+    step = optimizer_step(engine)
+    optimizer = None if step is None else {"step": step,
+                                           "lrs": [float(g["lr"]) for g in _base_optimizer(engine).param_groups]}
     scheduler = engine.lr_scheduler.state_dict() if getattr(engine, "lr_scheduler", None) is not None else None
     return {"optimizer": optimizer, "lr_scheduler": _jsonable(scheduler)}
 
 
 def _jsonable(value: Any) -> Any:
-    """The LR-schedule state for universal.json: its JSON-able entries (LambdaLR's are all numbers)."""
+    """The LR-schedule state for metadata.json: its JSON-able entries (LambdaLR's are all numbers)."""
     def plain(item: Any) -> bool:
         try:
             json.dumps(item)
@@ -118,37 +163,16 @@ def _jsonable(value: Any) -> Any:
     return value if plain(value) else None
 
 
-def _slice_for_rank(full: torch.Tensor, param, topo, canonical: str, vocab: set[str]) -> torch.Tensor:
-    """The part of the full tensor `full` this rank's `param` holds (a vocabulary padded for
-    another tensor size is cut or zero-padded to this layout's padded size first)."""
-    shape = list(_full_shape(param))
-    split = topo.tensor > 1 and getattr(param, "tensor_model_parallel", False)
-    if split:
-        shape[param.partition_dim] *= topo.tensor
-    if canonical in vocab and full.shape[0] != shape[0]:
-        full = fit_rows(full, shape[0])
-    if list(full.shape) != shape:
-        raise CheckpointError(f"parameter {canonical}: the checkpoint holds shape {tuple(full.shape)}, this run's model "
-                              f"needs {tuple(shape)}; fix: use the model section the checkpoint was saved with")
-    if split:
-        full = full.chunk(topo.tensor, dim=param.partition_dim)[topo.tensor_rank]
-    return full
-
-
-def load_universal_weights(model, cfg: Config, topo, universal: Universal) -> None:
-    """Copy each parameter's slice of the universal checkpoint into `model` (before DeepSpeed wraps it)."""
+def load_weights(model, cfg: Config, topo, source: Sharded) -> None:
+    """Copy each parameter's slice into `model` (before DeepSpeed wraps it)."""
     names = canonical_names(model)
-    full = universal.params()
     vocab = Layout.of(cfg.model).vocab_names()
-    missing = sorted(names[n] for n, _ in model.named_parameters() if names[n] not in full)
-    if missing:
-        raise CheckpointError(f"{universal.folder}: no tensors for {', '.join(missing[:5])}"
-                              f"{' ...' if len(missing) > 5 else ''}; fix: use the model section the checkpoint was "
-                              "saved with (e.g. model.tie_embeddings, model.num_layers)")
     with torch.no_grad():
         for name, param in model.named_parameters():
             canonical = names[name]
-            param.copy_(_slice_for_rank(full[canonical], param, topo, canonical, vocab).to(param.dtype))
+            value = source.read("param", canonical, global_shape(param, topo), tp_chunk(param, topo),
+                                fit=canonical in vocab)
+            param.copy_(value.view(param.shape).to(param.dtype))
 
 
 def _ensure_adam_state(engine) -> None:
@@ -169,39 +193,53 @@ def _ensure_adam_state(engine) -> None:
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
-def load_universal_optimizer(engine, model, cfg: Config, topo, universal: Universal) -> None:
-    """Optimizer moments, step count, learning rates and LR-schedule state into a fresh engine,
-    every rank setting its own slice (DeepSpeed's safe_set_* reach into any ZeRO partitioning)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+def _set_held(engine, param, topo, kind: str, read) -> None:
+    """Set this rank's run of `kind` for `param`; `read(start, end)` gives those flat elements."""
+    key = None if kind == "param" else kind
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's padded partition
+        from deepspeed.utils import (safe_get_local_fp32_param, safe_set_local_fp32_param,
+                                     safe_set_local_optimizer_state)
 
+        size = safe_get_local_fp32_param(param).numel()
+        start = topo.data_rank * size
+        end = min(start + size, int(param.ds_numel))
+        value = torch.zeros(size, dtype=torch.float32)
+        if start < end:
+            value[: end - start] = read(start, end)
+        value = value.to(param.device)
+        safe_set_local_fp32_param(param, value) if key is None else safe_set_local_optimizer_state(param, value, key)
+    elif hasattr(param, "_hp_mapping"):  # ZeRO 1/2: this parameter's fragment of the partition
+        mapping = param._hp_mapping
+        if mapping is not None:
+            address = mapping.lp_fragment_address
+            fragment = mapping.get_hp_fragment(key)
+            fragment.data.copy_(read(address.start, address.start + address.numel).view_as(fragment))
+    elif key is not None:
+        state = _base_optimizer(engine).state[param][key]
+        state.copy_(read(0, state.numel()).view_as(state))
+
+
+def load_optimizer(engine, model, cfg: Config, topo, source: Sharded, meta: dict[str, Any]) -> None:
+    """AdamW moments, fp32 master weights, step count, learning rates and LR-schedule state into a
+    fresh engine, each rank reading only its own partition of its own slice."""
     names = canonical_names(model)
     vocab = Layout.of(cfg.model).vocab_names()
     base = _base_optimizer(engine)
     _ensure_adam_state(engine)
     _link_zero_fragments(engine)
-    device = next(model.parameters()).device
-    if cfg.training.precision != "fp32":  # fp32 master weights beyond the bf16/fp16 module copy
-        params = universal.params()
-        for name, param in model.named_parameters():
-            value = _slice_for_rank(params[names[name]], param, topo, names[name], vocab).to(device, torch.float32)
-            safe_set_full_fp32_param(param, value)
-    for key in STATE_KEYS:
-        full = universal.states(key)
-        for name, param in model.named_parameters():
-            canonical = names[name]
-            value = _slice_for_rank(full[canonical], param, topo, canonical, vocab).to(device, torch.float32)
-            if _zero_managed(param):
-                safe_set_full_optimizer_state(param, value, key)
-            else:
-                base.state[param][key].copy_(value.view_as(base.state[param][key]))
-    meta = universal.meta["optimizer"]
+    kinds = STATE_KEYS if cfg.training.precision == "fp32" else KINDS  # fp32 masters beyond a bf16/fp16 model
+    for name, param in model.named_parameters():
+        canonical = names[name]
+        shape, chunk = global_shape(param, topo), tp_chunk(param, topo)
+        for kind in kinds:
+            _set_held(engine, param, topo, kind, lambda start, end, kind=kind: source.read(
+                kind, canonical, shape, chunk, start, end, fit=canonical in vocab).reshape(-1))
+    optimizer = meta["optimizer"]
     for state in base.state.values():
-        state["step"].fill_(float(meta["step"]))
-    for group, lr in zip(base.param_groups, meta["lrs"]):
+        state["step"].fill_(float(optimizer["step"]))
+    for group, lr in zip(base.param_groups, optimizer["lrs"]):
         group["lr"] = lr
-    scheduler = universal.meta.get("lr_scheduler")
+    scheduler = meta.get("lr_scheduler")
     if scheduler and getattr(engine, "lr_scheduler", None) is not None:
         current = engine.lr_scheduler.state_dict()
         engine.lr_scheduler.load_state_dict({**current, **scheduler})
-
-

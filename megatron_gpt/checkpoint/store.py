@@ -1,23 +1,21 @@
-"""Checkpoints: save, pick the one to resume, and resume it in the same or another layout.
+"""Storing checkpoints: tags, `latest`, metadata, pruning (the writing itself: `saving`).
 
 A checkpoint is a tag folder `SAVE_DIR/global_stepN` holding
 
-- DeepSpeed's own files (model, optimizer and LR-schedule state of every rank, plus the run's
-  step, consumed samples and config in its client state): resuming in the same layout loads these;
-- `universal/`: the layout-independent copy (`megatron_gpt.checkpoint.universal`: full fp32 weights
-  and AdamW moments under canonical names, optimizer step, learning rates, LR-schedule state),
-  written collectively when `checkpoint.layout_independent` is on: resuming in another
-  tensor/pipeline/data layout or ZeRO stage loads this, every rank taking its own slice;
-- `tokenizer/`: a copy of the tokenizer's files;
-- `metadata.json`, written last, by rank 0, after a barrier that every rank reaches only once its
-  files are written: the config, the tokenizer (config, vocabulary size, identifiers), step,
-  consumed samples, the saving layout and the code version (package version and git commit). A
-  folder without it is an interrupted save.
+- `shards/rankNNNNN.safetensors`: what each rank holds (`megatron_gpt.checkpoint.sharded`): its
+  tensor/pipeline slice and ZeRO partition of the fp32 weights and AdamW moments, its RNG state;
+- `tokenizer/`: a copy of the tokenizer's files (readers use it; the original may be gone);
+- `metadata.json`, written last, by rank 0, once every rank's shard file is written: the config,
+  the tokenizer (config, vocabulary size, identifiers, copied files), step, consumed samples, the
+  optimizer's step and learning rates, the LR-schedule state, the saving layout, the shard files
+  and the code version (package version and git commit). A folder without it is an interrupted save.
 
 Only then is `SAVE_DIR/latest` replaced (atomically) by the new tag, and `checkpoint.keep_last_n`
 prunes older checkpoints. So `latest` never names a torn checkpoint, and resuming with
 `training.auto_resume` takes the newest folder that has its metadata.json, skipping any
-interrupted save even if `latest` was edited to name it.
+interrupted save even if `latest` was edited to name it. Nothing in the folder is a pickle.
+`checkpoint.deepspeed_files` also writes DeepSpeed's own (pickled) files, into
+`SAVE_DIR/deepspeed/global_stepN`, for DeepSpeed's tools; megatron-gpt never reads them.
 """
 
 from __future__ import annotations
@@ -35,18 +33,18 @@ from typing import Any
 import torch
 
 import megatron_gpt
-from megatron_gpt.checkpoint.engine_state import save_universal
 from megatron_gpt.checkpoint.errors import CheckpointError
-from megatron_gpt.checkpoint.universal import write_meta
-from megatron_gpt.config import config_to_dict
+from megatron_gpt.checkpoint.safety import read_json
+from megatron_gpt.checkpoint.sharded import FORMAT, VERSION
 from megatron_gpt.config.schema import Config
 
-__all__ = ["CheckpointError", "METADATA", "UNIVERSAL_DIR", "TOKENIZER_DIR", "tag_for", "latest_tag",
-           "read_metadata", "is_complete", "tag_folders", "complete_checkpoints", "code_version", "prune", "save"]
+__all__ = ["CheckpointError", "METADATA", "TOKENIZER_DIR", "DEEPSPEED_DIR", "tag_for", "latest_tag", "read_metadata",
+           "is_complete", "tag_folders", "complete_checkpoints", "code_version", "prune", "finalize"]
 
 METADATA = "metadata.json"
 """Written last into a tag folder: its presence marks the checkpoint complete."""
-UNIVERSAL_DIR = "universal"
+DEEPSPEED_DIR = "deepspeed"
+"""SAVE_DIR/deepspeed/global_stepN: DeepSpeed's own files, when checkpoint.deepspeed_files is on."""
 TOKENIZER_DIR = "tokenizer"
 _TAG = re.compile(r"global_step(\d+)$")
 
@@ -64,7 +62,7 @@ def latest_tag(save_dir: str | None) -> str | None:
 
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(folder) / METADATA
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
@@ -85,13 +83,13 @@ def complete_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
     return [folder for _, folder in tag_folders(save_dir) if is_complete(folder)]
 
 
-def _rank() -> int:
+def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -134,7 +132,7 @@ def saved_layout(cfg: Config, topo) -> dict[str, int]:
             "zero_stage": cfg.parallelism.zero_stage, "world_size": topo.world_size}
 
 
-def _tokenizer_record(tokenizer, folder: Path) -> dict[str, Any] | None:
+def tokenizer_record(tokenizer, folder: Path) -> dict[str, Any] | None:
     """What metadata.json says about the tokenizer; its files are copied into folder/tokenizer."""
     if tokenizer is None:
         return None
@@ -171,45 +169,19 @@ def prune(save_dir: Path, keep_last_n: int | None) -> list[Path]:
     doomed = complete[:-keep_last_n] + [f for step, f in tag_folders(save_dir) if step < newest and not is_complete(f)]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(save_dir / DEEPSPEED_DIR / folder.name, ignore_errors=True)
     return doomed
 
 
-def save(engine, cfg: Config, step: int, consumed_samples: int, model=None, topo=None, tokenizer=None) -> str:
-    """Collective: every rank writes its files; `latest` moves only after all of them finished.
-
-    With `model` and `topo`, the layout-independent copy is written too (checkpoint.layout_independent)."""
-    save_dir = Path(cfg.checkpoint.save_dir)
-    tag = tag_for(step)
-    folder = save_dir / tag
-    if _rank() == 0 and folder.exists():  # an earlier, interrupted save of this step: start clean
-        shutil.rmtree(folder)
-    _barrier()
-    client_state = {
-        "step": step, "consumed_samples": consumed_samples,
-        "config": config_to_dict(cfg), "megatron_gpt_version": megatron_gpt.__version__,
-    }
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
-    universal = None
-    if cfg.checkpoint.layout_independent and model is not None and topo is not None:
-        universal = save_universal(engine, model, cfg, topo, folder / UNIVERSAL_DIR)
-    _barrier()  # every rank has written every file of this checkpoint
-    if _rank() == 0:
-        config = config_to_dict(cfg)
-        layout = saved_layout(cfg, topo) if topo is not None else None
-        if universal is not None:
-            write_meta(folder / UNIVERSAL_DIR, {"step": step, "consumed_samples": consumed_samples,
-                                                "config": config, "saved_layout": layout, **universal})
-        metadata = {
-            "format": "megatron-gpt-checkpoint", "version": 1, "tag": tag, "step": step,
-            "consumed_samples": consumed_samples, "layout": layout, "precision": cfg.training.precision,
-            "layout_independent": UNIVERSAL_DIR if universal is not None else None,
-            "tokenizer": _tokenizer_record(tokenizer, folder), "code": code_version(),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config,
-        }
-        _write_atomic(folder / METADATA, json.dumps(metadata, indent=1))
-        _write_atomic(save_dir / "latest", tag)
-        prune(save_dir, cfg.checkpoint.keep_last_n)
-    _barrier()
-    return str(folder)
+def write_metadata(folder: Path, tag: str, record: dict[str, Any], files: list[str]) -> None:
+    """metadata.json (atomically): the record plus format, shard files and code version."""
+    metadata = {"format": FORMAT, "version": VERSION, "tag": tag, **record, "files": files, "code": code_version(),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_atomic(folder / METADATA, json.dumps(metadata, indent=1))
 
 
+def finalize(save_dir: Path, tag: str, record: dict[str, Any], files: list[str], keep_last_n: int | None) -> None:
+    """Rank 0, once every rank's shard file is written: metadata.json, then `latest`, then pruning."""
+    write_metadata(save_dir / tag, tag, record, files)
+    _write_atomic(save_dir / "latest", tag)
+    prune(save_dir, keep_last_n)

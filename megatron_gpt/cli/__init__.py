@@ -10,13 +10,13 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron_gpt import __version__
-    from megatron_gpt.cli import config, convert, data, generate, layout, slurm, train
+    from megatron_gpt.cli import config, convert, data, generate, layout, sft, slurm, train
     from megatron_gpt.cli import eval as eval_command
 
     parser = argparse.ArgumentParser(prog="megatron-gpt", description="Distributed GPT training from YAML configs.")
     parser.add_argument("--version", action="version", version=f"megatron-gpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (train, config, data, eval_command, slurm, layout, generate, convert):
+    for group in (train, config, data, sft, eval_command, slurm, layout, generate, convert):
         group.register(sub)
     return parser
 

@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         results = evaluate_checkpoint(
             args.checkpoint, tasks, args.include_path, tag=args.tag, limit=_parse_limit(args.limit),
             batch_size=args.batch_size, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters,
-            log_samples=args.log_samples)
+            log_samples=args.log_samples, tokenizer=args.tokenizer)
     except (CheckpointError, UnknownTaskError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -60,6 +60,7 @@ def register(subparsers) -> None:
                     "shakespeare_ppl (perplexity), shakespeare_complete (generation).")
     parser.add_argument("checkpoint", help="checkpoint.save_dir of a run (uses `latest`) or one global_step* folder")
     parser.add_argument("--tag", help="checkpoint tag to load, e.g. global_step1000 (default: `latest`)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file to use instead of the copy saved in the checkpoint (gpt2bpe: a folder with encoder.json and vocab.bpe)")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
                         help="a folder of lm-eval task YAMLs to add (repeatable)")

@@ -18,7 +18,13 @@ def _generate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    loaded = load_checkpoint(args.checkpoint, args.tag)
+    from megatron_gpt.checkpoint import CheckpointError
+
+    try:
+        loaded = load_checkpoint(args.checkpoint, args.tag, args.tokenizer)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     options = SamplingOptions(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
@@ -42,6 +48,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="sample text from a checkpoint (any tp/pp layout)")
     parser.add_argument("checkpoint", help="checkpoint.save_dir of a run (or one global_step* folder in it)")
     parser.add_argument("--tag", default=None, help="which global_stepN to load (default: `latest`)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file to use instead of the copy saved in the checkpoint (gpt2bpe: a folder with encoder.json and vocab.bpe)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", default=None, help="one prompt (default: read prompts from stdin)")
     source.add_argument("--prompt-file", default=None, help=".jsonl with {\"prompt\": ...} lines, or .txt lines")

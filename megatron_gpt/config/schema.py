@@ -38,8 +38,9 @@ class ModelConfig(Section):
     """Normalization: layernorm (GPT-2/NeoX) or rmsnorm (Llama)."""
     norm_eps: float = Field(1e-5, gt=0)
     """Epsilon of the normalization layers."""
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    """MLP activation: gelu (GPT-2/NeoX) or swiglu (gated, Llama)."""
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """MLP activation: gelu (exact, NeoX), gelu_tanh (the tanh approximation GPT-2 was trained with,
+    HF's gelu_new) or swiglu (gated, Llama)."""
     position_embedding: Literal["rotary", "learned"] = "rotary"
     """Position encoding: rotary (NeoX/Llama) or a learned table (GPT-2)."""
     rotary_pct: float = Field(1.0, gt=0, le=1)
@@ -120,6 +121,10 @@ class DataConfig(Section):
     """Train/validation/test weights over whole documents of each data.paths prefix, e.g. "969,30,1"."""
     cache_dir: Optional[str] = None
     """Where preprocessed embedded corpora and index maps go; null means ~/.cache/megatron_gpt."""
+    document_masking: bool = False
+    """Packed documents do not attend to each other: each token attends only within its own
+    document (split after every end-of-document token) and positions restart at each document,
+    in training and validation (SDPA with a block-diagonal causal mask; flash-attn's varlen kernel on GPU)."""
 
 
 class OptimizerConfig(Section):
@@ -187,7 +192,7 @@ class TrainingConfig(Section):
 
 class CheckpointConfig(Section):
     save_dir: Optional[str] = None
-    """Directory of DeepSpeed checkpoints; null disables saving."""
+    """Directory of checkpoints (global_stepN tag folders and `latest`); null disables saving."""
     save_interval: Optional[int] = Field(None, ge=1)
     """Save every this many steps (a final checkpoint is always written when save_dir is set)."""
     resume: bool = True
@@ -196,10 +201,14 @@ class CheckpointConfig(Section):
     keep_last_n: Optional[int] = Field(None, ge=1)
     """Keep only the newest this many complete checkpoints (and delete interrupted saves older
     than the newest); null keeps all."""
-    layout_independent: bool = True
-    """Also write a layout-independent copy (full fp32 weights and AdamW states under canonical
-    names, in global_stepN/universal) so the run can resume in another layout and checkpoint.init_from
-    can read it."""
+    async_save: bool = False
+    """Interval saves copy this rank's tensors to host memory and return to training while a
+    background thread writes them; `latest` moves once every rank's file is written, the next save
+    waits for the previous one, and the final and preemption saves are synchronous. Needs a
+    save_dir every rank writes to (rank 0 sees the other ranks' files there)."""
+    deepspeed_files: bool = False
+    """Also write DeepSpeed's own checkpoint files (pickled) into save_dir/deepspeed/global_stepN,
+    for DeepSpeed's tools; megatron-gpt never reads them (it resumes from its own sharded files)."""
     init_from: Optional[str] = None
     """Start from these weights when there is nothing to resume: a layout-independent checkpoint
     (the output of `megatron-gpt import-hf`, a save_dir or a global_step* folder); the optimizer and

@@ -1,4 +1,4 @@
-"""The interface every Hugging Face architecture adapter implements (neox, llama), torchtitan style:
+"""The interface every Hugging Face architecture adapter implements (neox, llama, gpt2), torchtitan style:
 pure functions between our canonical state dict and the HF one, plus the config mapping."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ class UnsupportedOption(ValueError):
 
 
 class Adapter(Protocol):
-    """One HF architecture, implemented as a module (convert.neox, convert.llama): `to_hf` and
-    `from_hf` map state dicts (canonical names <-> HF names); `check` raises UnsupportedOption for
-    an option the HF class cannot express."""
+    """One HF architecture, implemented as a module (convert.neox, convert.llama, convert.gpt2):
+    `to_hf` and `from_hf` map state dicts (canonical names <-> HF names); `check` raises
+    UnsupportedOption for an option the HF class cannot express. Optional: CONFIG_CLASS (the
+    transformers config class when it is not ARCHITECTURE with ForCausalLM -> Config), ROTARY
+    (False: no rotary settings to check) and normalize_keys(hf_state) (other spellings of the names)."""
 
     ARCHITECTURE: str
     """The transformers class, e.g. GPTNeoXForCausalLM."""

@@ -12,8 +12,8 @@ tokenizer files (tokenizer.json + tokenizer_config.json for `hf`/`embedded` toke
 vocab.json + merges.txt for `gpt2bpe`), all loadable offline by `AutoModelForCausalLM` /
 `AutoTokenizer.from_pretrained(OUT)`.
 
-Import reads a GPTNeoX or Llama folder (config.json, safetensors or pytorch_model.bin, sharded or
-not, and its tokenizer.json), maps it to our canonical names, pads the vocabulary for the target
+Import reads a GPTNeoX, Llama or GPT-2 folder (config.json, safetensors or pytorch_model.bin,
+sharded or not, and its tokenizer.json or GPT-2's vocab.json + merges.txt), maps it to our canonical names, pads the vocabulary for the target
 tensor size, and writes a layout-independent checkpoint plus `config.yml` (model, parallelism,
 tokenizer and `checkpoint.init_from`) that `megatron-gpt train` starts from in any layout.
 """
@@ -32,14 +32,14 @@ import torch
 
 from megatron_gpt.checkpoint.reader import read_checkpoint
 from megatron_gpt.config.schema import Config, ModelConfig
-from megatron_gpt.convert import llama, neox
+from megatron_gpt.convert import gpt2, llama, neox
 from megatron_gpt.convert.adapter import Adapter, UnsupportedOption
 from megatron_gpt.model.names import Layout, fit_rows
 
-ADAPTERS: dict[str, Adapter] = {"neox": neox, "llama": llama}
+ADAPTERS: dict[str, Adapter] = {"neox": neox, "llama": llama, "gpt2": gpt2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOD_TOKEN = "<|endoftext|>"
-_IGNORED_HF_KEYS = re.compile(r"(rotary_emb\.inv_freq|attention\.(masked_)?bias)$")
+_IGNORED_HF_KEYS = re.compile(r"(rotary_emb\.inv_freq|attention\.(masked_)?bias|\.attn\.(masked_)?bias)$")
 """Buffers some HF versions save beside the weights; they are recomputed, not imported."""
 
 
@@ -65,13 +65,17 @@ def rope_of(config: Any) -> dict[str, Any]:
 
 
 def infer_arch(cfg: ModelConfig) -> str:
-    """neox for LayerNorm + GELU models, llama for RMSNorm + SwiGLU ones."""
+    """gpt2 for LayerNorm + GELU models with learned positions, neox for LayerNorm + GELU ones
+    with rotary positions, llama for RMSNorm + SwiGLU ones."""
+    if cfg.norm == "layernorm" and cfg.activation in ("gelu", "gelu_tanh") and cfg.position_embedding == "learned":
+        return "gpt2"
     if cfg.norm == "layernorm" and cfg.activation == "gelu":
         return "neox"
     if cfg.norm == "rmsnorm" and cfg.activation == "swiglu":
         return "llama"
-    raise UnsupportedOption(f"model.norm={cfg.norm} with model.activation={cfg.activation} matches neither "
-                            "GPTNeoXForCausalLM (layernorm + gelu) nor LlamaForCausalLM (rmsnorm + swiglu); "
+    raise UnsupportedOption(f"model.norm={cfg.norm} with model.activation={cfg.activation} matches none of "
+                            "GPT2LMHeadModel (layernorm + gelu + learned positions), GPTNeoXForCausalLM (layernorm + gelu) "
+                            "and LlamaForCausalLM (rmsnorm + swiglu); "
                             "fix: no HF class expresses this model, train with one family's options")
 
 
@@ -126,7 +130,7 @@ def hf_config(adapter: Adapter, cfg: Config, vocab_size: int, tokenizer: Any, dt
 
     from megatron_gpt.model.layers import ffn_size
 
-    cls = getattr(transformers, adapter.ARCHITECTURE.replace("ForCausalLM", "Config"))
+    cls = getattr(transformers, getattr(adapter, "CONFIG_CLASS", adapter.ARCHITECTURE.replace("ForCausalLM", "Config")))
     eod = int(tokenizer.eod)
     pad = int(tokenizer.pad) if int(getattr(tokenizer, "pad", -1)) >= 0 else None
     config = cls(**adapter.hf_config_kwargs(cfg.model, vocab_size, ffn_size(cfg.model)),
@@ -136,6 +140,8 @@ def hf_config(adapter: Adapter, cfg: Config, vocab_size: int, tokenizer: Any, dt
         config.dtype = dtype
     else:
         config.torch_dtype = dtype
+    if not getattr(adapter, "ROTARY", True):
+        return config
     rope = rope_of(config)
     want = {"theta": float(cfg.model.rotary_base), "partial": float(cfg.model.rotary_pct)}
     if abs(rope["theta"] - want["theta"]) > 1e-6 * want["theta"] or abs(rope["partial"] - want["partial"]) > 1e-9 \
@@ -185,15 +191,16 @@ def _portable_tokenizer_class(out: Path) -> None:
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: str | None = None, dtype: str = "fp32",
               tag: str | None = None, max_shard_size: str | int = "5GB", vocab_size: int | None = None,
-              tokenizer: bool = True) -> Path:
-    """Write an HF folder for `checkpoint`; returns it. Raises UnsupportedOption for a model the
+              tokenizer: bool = True, tokenizer_file: str | os.PathLike | None = None) -> Path:
+    """Write an HF folder for `checkpoint`; returns it (tokenizer_file: instead of the checkpoint's
+    own tokenizer copy). Raises UnsupportedOption for a model the
     chosen HF class cannot express."""
     _require_hf()
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    source = read_checkpoint(checkpoint, tag)
+    source = read_checkpoint(checkpoint, tag, tokenizer_file)
     cfg = source.cfg
     arch = arch or infer_arch(cfg.model)
     if arch not in ADAPTERS:
@@ -262,16 +269,40 @@ def _model_problems(cfg: Config) -> list[str]:
     return []
 
 
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """OUT/tokenizer.json from `source`: a tokenizer.json, or a folder holding tokenizer.json or
+    GPT-2's vocab.json + merges.txt (converted by transformers); tokenizer_config.json (which
+    carries the chat template) is copied beside it when the folder has one."""
+    folder = source if source.is_dir() else source.parent
+    if source.is_file():
+        shutil.copyfile(source, out / "tokenizer.json")
+    elif (source / "tokenizer.json").is_file():
+        shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
+    elif (source / "vocab.json").is_file() and (source / "merges.txt").is_file():
+        from transformers import GPT2TokenizerFast  # from a folder: vocab_file=/merges_file= build an empty one
+
+        with tempfile.TemporaryDirectory(prefix="megatron-gpt-bpe-") as staging:
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(source / name, Path(staging) / name)
+            GPT2TokenizerFast.from_pretrained(staging).backend_tokenizer.save(str(out / "tokenizer.json.tmp"))
+        os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+    else:
+        raise FileNotFoundError(f"{source}: no tokenizer.json, nor vocab.json + merges.txt; fix: pass --tokenizer PATH "
+                                "to the tokenizer.json (or the folder) the model was trained with")
+    if (folder / "tokenizer_config.json").is_file() and folder.resolve() != out.resolve():
+        shutil.copyfile(folder / "tokenizer_config.json", out / "tokenizer_config.json")
+
+
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1, pipeline: int = 1,
               tokenizer: str | os.PathLike | None = None) -> Path:
-    """Write a layout-independent checkpoint of an HF GPTNeoX/Llama folder plus OUT/config.yml."""
+    """Write a layout-independent checkpoint of an HF GPTNeoX/Llama/GPT-2 folder plus OUT/config.yml."""
     _require_hf()
     import yaml
     from transformers import AutoConfig
 
     from megatron_gpt.config import config_to_dict, padded_vocab_size
     from megatron_gpt.config.schema import TokenizerConfig
-    from megatron_gpt.checkpoint.universal import write_meta, write_shard
+    from megatron_gpt.checkpoint.saving import write_full
     from megatron_gpt.data.tokenizer import build_tokenizer
 
     hf_dir, out = Path(hf_dir), Path(out).resolve()
@@ -284,12 +315,8 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
                                 + " and ".join(f"{a.MODEL_TYPE} ({a.ARCHITECTURE})" for a in ADAPTERS.values()))
     fields = adapter.model_config(hf, rope_of(hf))
 
-    tokenizer_file = Path(tokenizer) if tokenizer else hf_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise FileNotFoundError(f"{tokenizer_file}: no tokenizer.json; fix: pass --tokenizer PATH to the tokenizer.json "
-                                "the model was trained with")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    copy_tokenizer(Path(tokenizer) if tokenizer else hf_dir, out)
     tok_cfg = TokenizerConfig(type="hf", path=str(out / "tokenizer.json"))
     tok = build_tokenizer(tok_cfg)
 
@@ -302,9 +329,11 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
         raise UnsupportedOption(f"{hf_dir} cannot be laid out as tensor {tensor} x pipeline {pipeline}: " + "; ".join(problems))
 
     hf_state = read_hf_state(hf_dir)
+    if hasattr(adapter, "normalize_keys"):
+        hf_state = adapter.normalize_keys(hf_state)
     used = adapter.used_keys(cfg.model)
     if cfg.model.tie_embeddings:  # some tied checkpoints also store the (identical) output matrix
-        embedding = next(k for k in used if k.endswith(("embed_in.weight", "embed_tokens.weight")))
+        embedding = next(k for k in used if k.endswith(("embed_in.weight", "embed_tokens.weight", "wte.weight")))
         for name in ("embed_out.weight", "lm_head.weight"):
             if name in hf_state and torch.equal(hf_state[name], hf_state[embedding]):
                 del hf_state[name]
@@ -326,12 +355,9 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
     for name in Layout.of(cfg.model).vocab_names():
         state[name] = fit_rows(state[name], padded)
 
-    for stale in out.glob("stage*.pt"):
-        stale.unlink()
-    write_shard(out, 0, state)
-    write_meta(out, {"step": 0, "consumed_samples": 0, "config": config_to_dict(cfg), "optimizer": None,
-                     "lr_scheduler": None, "source": {"hf_dir": str(hf_dir.resolve()), "architecture": adapter.ARCHITECTURE,
-                                                       "vocab_rows": rows}})
+    for stale in [*out.glob("stage*.pt"), out / "universal.json"]:  # an older import's pickled format
+        stale.unlink(missing_ok=True)
+    write_full(out, state, cfg, tok)
     sections = {key: config_to_dict(cfg)[key] for key in ("name", "model", "parallelism", "tokenizer", "checkpoint")}
     sections["parallelism"] = {"tensor": tensor, "pipeline": pipeline}
     sections["checkpoint"] = {"init_from": str(out)}

@@ -36,6 +36,7 @@ from megatron_gpt.config.schema import DataConfig
 from megatron_gpt.data.errors import DataError
 from megatron_gpt.data.index_maps import EpochDataset, barrier, filesystem_leader
 from megatron_gpt.data.indexed import IndexedFile, open_indexed, read_meta
+from megatron_gpt.data.sft import loss_mask_twin
 
 with warnings.catch_warnings():  # megatron-core warns about missing GPU extras on import
     warnings.simplefilter("ignore")
@@ -105,10 +106,15 @@ def _check_prefix(prefix: str, key: str, tokenizer: Any) -> IndexedFile:
 
 
 class Blend(torch.utils.data.Dataset):
-    """`size` samples drawn from `datasets` by weight, each dataset repeated epoch after epoch."""
+    """`size` samples drawn from `datasets` by weight, each dataset repeated epoch after epoch.
+    `masks[i]` reads dataset i's per-token loss mask (SFT data; None: every token trained);
+    `document_masking` adds position ids restarting after every end-of-document token."""
 
-    def __init__(self, datasets: list[EpochDataset], weights: list[float], size: int, seed: int) -> None:
+    def __init__(self, datasets: list[EpochDataset], weights: list[float], size: int, seed: int,
+                 masks: Optional[list[Optional[EpochDataset]]] = None, document_masking: bool = False) -> None:
         self.datasets = datasets
+        self.masks = masks if masks and any(m is not None for m in masks) else None
+        self.document_masking = document_masking
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
         self.size = size
@@ -149,18 +155,46 @@ class Blend(torch.utils.data.Dataset):
         """The samples at `indices` stacked, as `__getitem__` makes them one by one: each sample's
         token ids from megatron-core's own lookup, then GPTDataset.__getitem__'s tensor work
         (shift, loss mask and id fix-up of padding) once for the whole batch. A dozen small
-        tensor ops per sample cost ~1.5 ms of Python per small-model step; this costs ~0.2 ms."""
-        texts = []
+        tensor ops per sample cost ~1.5 ms of Python per small-model step; this costs ~0.2 ms.
+        Training reads only this: it adds the SFT loss mask and the per-document position ids
+        (document masking), which megatron-core's `__getitem__` knows nothing of."""
+        texts, masks = [], []
         for index in indices:
             component, sample = self.locate(index)
             texts.append(self.datasets[component]._query_document_sample_shuffle_indices(sample)[0])
+            if self.masks is not None:  # the same documents and offsets, read from the mask dataset
+                twin = self.masks[component]
+                masks.append(np.ones_like(texts[-1]) if twin is None else
+                             twin._query_document_sample_shuffle_indices(sample)[0])
         text = torch.from_numpy(np.stack(texts))  # [batch, seq_length + 1] int64
         pad = self.datasets[0]._pad_token_id  # one tokenizer: the same for every component
         tokens, labels = text[:, :-1].clone(), text[:, 1:].clone()
         loss_mask = (labels != pad).float()
+        if self.masks is not None:
+            loss_mask *= torch.from_numpy(np.stack(masks))[:, 1:] == 1  # a label is trained where its token is
+        batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+        if self.document_masking:
+            batch["position_ids"] = document_positions(tokens, self.datasets[0].config.tokenizer.eod)
         tokens.masked_fill_(tokens == pad, 0)
         labels.masked_fill_(labels == pad, 0)
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+        return batch
+
+
+def document_positions(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Position ids [b, s] that restart at 0 after every end-of-document token (megatron-core's
+    reset_position_ids); the model derives its block-diagonal attention mask from them."""
+    seq = tokens.shape[1]
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = tokens[:, :-1] == eod
+    index = torch.arange(seq).expand_as(tokens)
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def model_inputs(batch: dict[str, torch.Tensor]):
+    """What the model takes from a collated batch: tokens, or (tokens, position_ids) when packed
+    documents are masked from each other (model.gpt.GPT.forward)."""
+    return (batch["tokens"], batch["position_ids"]) if "position_ids" in batch else batch["tokens"]
 
 
 def _build_components(sources: list[Source], indexes: dict[str, IndexedFile], config: Any) -> list[EpochDataset]:
@@ -223,7 +257,8 @@ def build_datasets(data: DataConfig, seq_length: int, seed: int, tokenizer: Any,
     blends = []
     for split, datasets, size in zip(sources, built, (train_samples, valid_samples)):
         weights = [s.weight if s.weight is not None else float(len(d)) for s, d in zip(split, datasets)]
-        blends.append(Blend(datasets, weights, size, seed))
+        masks = [loss_mask_twin(d, s.prefix) for s, d in zip(split, datasets)]
+        blends.append(Blend(datasets, weights, size, seed, masks, data.document_masking))
     return blends[0], blends[1]
 
 
@@ -254,7 +289,8 @@ def collate(dataset: Any, indices: range | list[int], device: torch.device) -> d
         batch = dataset.batch(indices)
     else:
         samples = [dataset[i] for i in indices]
-        batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+        batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")
+                 if key in samples[0]}
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Optional
 
+from megatron_gpt.config.schema import TokenizerConfig
 from megatron_gpt.data.errors import DataError
 from megatron_gpt.data.tokenizer import EMBEDDED_TOKENIZER_PATH
 
@@ -50,13 +52,25 @@ def _complete(prefix: str) -> bool:
     return os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")
 
 
-def prepare_embedded(name: str, cache_dir: Optional[str] = None, *, progress: bool = False) -> str:
+def prepare_embedded(name: str, cache_dir: Optional[str] = None, *, progress: bool = False,
+                     tokenizer: Optional[TokenizerConfig] = None) -> str:
     """Dataset prefix (PREFIX.bin/.idx) of embedded corpus `name`, preprocessing it if needed.
 
-    `cache_dir` None means default_cache_dir(). Safe to call from many processes at once.
+    `cache_dir` None means default_cache_dir(). `tokenizer`: the run's tokenizer when it is not
+    the embedded one (finetuning GPT-2 on the bundled corpus needs GPT-2's ids); its identity
+    (file hashes) is part of the cache name. Safe to call from many processes at once.
     """
     corpus = embedded_corpus_path(name)
-    directory = os.path.join(cache_dir or default_cache_dir(), "embedded", f"{name}-{_assets_hash(corpus)}")
+    other = tokenizer is not None and tokenizer.type != "embedded"
+    built = None
+    label = f"{name}-{_assets_hash(corpus)}"
+    if other:
+        from megatron_gpt.data.tokenizer import build_tokenizer
+
+        built = build_tokenizer(tokenizer)
+        identity = json.dumps(built.unique_identifiers, sort_keys=True, default=str).encode()
+        label += f"-{tokenizer.type}-{hashlib.sha256(identity).hexdigest()[:12]}"
+    directory = os.path.join(cache_dir or default_cache_dir(), "embedded", label)
     prefix = os.path.join(directory, "text_document")
     if _complete(prefix):
         return prefix
@@ -71,10 +85,9 @@ def prepare_embedded(name: str, cache_dir: Optional[str] = None, *, progress: bo
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if we crash
         if not _complete(prefix):  # another process may have built it while we waited
-            from megatron_gpt.config.schema import TokenizerConfig
             from megatron_gpt.data.preprocess import preprocess
             from megatron_gpt.data.tokenizer import build_tokenizer
 
-            tokenizer = build_tokenizer(TokenizerConfig(type="embedded"))
-            preprocess([str(corpus)], prefix, tokenizer, append_eod=True, workers=1, progress=progress)
+            built = built or build_tokenizer(TokenizerConfig(type="embedded"))
+            preprocess([str(corpus)], prefix, built, append_eod=True, workers=1, progress=progress)
     return prefix

@@ -95,7 +95,9 @@ class MegatronGPTLM(LM):
             tokens = torch.zeros(len(batch), width, dtype=torch.long)
             for row, i in enumerate(batch):
                 tokens[row, :len(rows[i][0])] = torch.tensor(rows[i][0])
-            log_probs = F.log_softmax(self.model(tokens).float(), dim=-1)  # right padding: causal, unseen
+            # Over the tokenizer's vocabulary, as training (which hides the padding ids' logits).
+            logits = self.model(tokens)[..., : self.tokenizer.vocab_size]
+            log_probs = F.log_softmax(logits.float(), dim=-1)  # right padding: causal, unseen
             for row, i in enumerate(batch):
                 inputs, targets = rows[i]
                 if not targets:
@@ -220,7 +222,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def evaluate_checkpoint(checkpoint: str, tasks: list[str], include_paths: list[str] = (), tag: str | None = None,
                         limit: int | float | None = None, batch_size: int = 8, num_fewshot: int | None = None,
-                        bootstrap_iters: int = 1000, log_samples: bool = False) -> dict:
+                        bootstrap_iters: int = 1000, log_samples: bool = False, tokenizer: str | None = None) -> dict:
     """Load `checkpoint` and run lm-eval's simple_evaluate on `tasks`; returns lm-eval's results
     dict plus a `megatron_gpt` entry (checkpoint folder, step, load and evaluation seconds)."""
     from lm_eval import simple_evaluate
@@ -229,7 +231,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: list[str], include_paths: list[s
     with tempfile.TemporaryDirectory(prefix="megatron-gpt-tasks-") as bundled:
         manager = task_manager(tasks, list(include_paths), _bundled_task_dir(Path(bundled)))
         started = time.perf_counter()
-        loaded = load_checkpoint(checkpoint, tag)
+        loaded = load_checkpoint(checkpoint, tag, tokenizer)
         loaded_at = time.perf_counter()
         results = simple_evaluate(
             model=make_lm(loaded, batch_size=batch_size), tasks=tasks, num_fewshot=num_fewshot, limit=limit,

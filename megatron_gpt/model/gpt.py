@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.model.layers import Block, ColumnLinear, KVCache, make_norm, normal_init
+from megatron_gpt.model.layers import Block, ColumnLinear, KVCache, make_norm, normal_init, split_positions
 from megatron_gpt.model.names import BLOCK, EMBEDDING, FINAL_NORM, OUTPUT, canonical_prefix, spec_order
 
 
@@ -33,30 +33,56 @@ def parallel_config(tensor: int = 1, pipeline: int = 1, dtype: torch.dtype = tor
     )
 
 
+def padding_mask(vocab_limit: int | None, start: int, local: int) -> torch.Tensor | None:
+    """Which of this rank's `local` output columns, from global id `start`, are vocabulary padding
+    (ids >= vocab_limit, the tokenizer's size); None when there is none to hide."""
+    if vocab_limit is None or start + local <= vocab_limit:
+        return None
+    return torch.arange(start, start + local) >= vocab_limit
+
+
+def hide_padding(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits of padding ids at -inf: their embedding rows (zero in an import) must not take
+    probability from real tokens (a GPT-2's logits are far below 0), in the loss as in sampling."""
+    if mask is None:
+        return logits
+    return logits.masked_fill(mask, float("-inf"))
+
+
 class Embedding(nn.Module):
     """Vocab-parallel token embedding plus optional learned positions; `logits` reuses the
-    token table as the output layer when embeddings are tied."""
+    token table as the output layer when embeddings are tied (padding ids hidden, see hide_padding)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig,
+                 vocab_limit: int | None = None):
         super().__init__()
         self.word = tensor_parallel.VocabParallelEmbedding(
             vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=parallel)
+        self.register_buffer("padding", padding_mask(vocab_limit, self.word.vocab_start_index,
+                                                     self.word.num_embeddings_per_partition), persistent=False)
         self.position = nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.position_embedding == "learned" else None
         if self.position is not None:
             normal_init(cfg.init_std)(self.position.weight)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, inputs, cache: KVCache | None = None):
+        """tokens [b, s] -> hidden [b, s, h]; (tokens, positions) -> (hidden, positions), positions
+        restarting per packed document (see layers.split_positions)."""
+        tokens, positions = split_positions(inputs)
         hidden = self.word(tokens)  # [b, s, h]
         if self.position is not None:
-            offset = cache.length if cache is not None else 0
-            hidden = hidden + self.position(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
-        return self.dropout(hidden)
+            if positions is None:
+                offset = cache.length if cache is not None else 0
+                hidden = hidden + self.position(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
+            else:
+                hidden = hidden + self.position(positions)
+        hidden = self.dropout(hidden)
+        return hidden if positions is None else (hidden, positions)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.word.tp_group.size() > 1:  # an identity at tp=1: skip its autograd Function
             hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-        return F.linear(hidden, self.word.weight)  # [b, s, vocab/tp]
+        return hide_padding(F.linear(hidden, self.word.weight), self.padding)  # [b, s, vocab/tp]
 
 
 class FinalNorm(nn.Module):
@@ -64,22 +90,26 @@ class FinalNorm(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+    def forward(self, inputs) -> torch.Tensor:
+        return self.norm(split_positions(inputs)[0])  # positions end here: the output layer needs none
 
 
 class OutputLayer(nn.Module):
     """Untied, column-parallel output layer: each tensor rank produces its slice of the vocab."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig,
+                 vocab_limit: int | None = None):
         super().__init__()
         self.linear = ColumnLinear(
             cfg.hidden_size, vocab_size, config=parallel, init_method=normal_init(cfg.init_std),
             bias=False, gather_output=False)
+        local = self.linear.output_size_per_partition
+        self.register_buffer("padding", padding_mask(vocab_limit, local * parallel_state.get_tensor_model_parallel_rank(),
+                                                     local), persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits, _ = self.linear(hidden)
-        return logits
+        return hide_padding(logits, self.padding)
 
 
 @dataclass(frozen=True)
@@ -94,10 +124,12 @@ class LayerSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def layer_specs(cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig) -> list[LayerSpec]:
-    """The spec order (model.names.spec_order) with each slot's class and arguments."""
-    built = {EMBEDDING: (Embedding, (cfg, vocab_size, parallel)), BLOCK: (Block, (cfg, parallel)),
-             FINAL_NORM: (FinalNorm, (cfg,)), OUTPUT: (OutputLayer, (cfg, vocab_size, parallel))}
+def layer_specs(cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig,
+                vocab_limit: int | None = None) -> list[LayerSpec]:
+    """The spec order (model.names.spec_order) with each slot's class and arguments; `vocab_limit`
+    (the tokenizer's vocabulary) hides the logits of the padding ids above it."""
+    built = {EMBEDDING: (Embedding, (cfg, vocab_size, parallel, vocab_limit)), BLOCK: (Block, (cfg, parallel)),
+             FINAL_NORM: (FinalNorm, (cfg,)), OUTPUT: (OutputLayer, (cfg, vocab_size, parallel, vocab_limit))}
     return [LayerSpec(*built[slot.kind], tie_key=slot.tie_key, method=slot.method) for slot in spec_order(cfg)]
 
 
@@ -122,9 +154,10 @@ def build_layer(spec: LayerSpec, seed: int, position: int) -> nn.Module:
 class GPT(nn.Module):
     """The whole model on one pipeline stage: layers applied in spec order."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig, seed: int = 0,
+                 vocab_limit: int | None = None):
         super().__init__()
-        self.specs = layer_specs(cfg, vocab_size, parallel)
+        self.specs = layer_specs(cfg, vocab_size, parallel, vocab_limit)
         built: dict[str, nn.Module] = {}
         layers = []
         for position, spec in enumerate(self.specs):
@@ -149,8 +182,10 @@ class GPT(nn.Module):
             names.update({f"layers.{index}.{name}": f"{prefix}.{name}" for name, _ in module.named_parameters()})
         return names
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [b, s, vocab/tp]; with a cache, `tokens` continue the cached positions."""
+    def forward(self, tokens, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [b, s, vocab/tp]; with a cache, `tokens` continue the cached positions.
+        `tokens` may be (tokens, positions) for packed documents that attend only within
+        themselves (data.document_masking)."""
         hidden = tokens
         for module, method in self._calls:
             if cache is not None and method == "forward" and isinstance(module, (Embedding, Block)):
@@ -158,7 +193,7 @@ class GPT(nn.Module):
             else:
                 hidden = getattr(module, method)(hidden)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.length += split_positions(tokens)[0].shape[1]
         return hidden
 
 

@@ -103,16 +103,57 @@ def _rotary_tables(dims: int, base: float, length: int, device: torch.device) ->
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, dims: int, base: float, offset: int = 0) -> torch.Tensor:
-    """Rotate the first `dims` features of each head of x [batch, seq, heads, head_dim]."""
+def apply_rotary(x: torch.Tensor, dims: int, base: float, offset: int = 0,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate the first `dims` features of each head of x [batch, seq, heads, head_dim], at
+    positions offset.. or, when given, at `positions` [batch, seq] (restarting per document)."""
     seq = x.shape[1]
-    cos, sin = _rotary_tables(dims, base, offset + seq, x.device)
-    cos = cos[offset:, None, :].to(x.dtype)  # [seq, 1, dims] broadcasts over heads
-    sin = sin[offset:, None, :].to(x.dtype)
+    if positions is None:
+        cos, sin = _rotary_tables(dims, base, offset + seq, x.device)
+        cos = cos[offset:, None, :].to(x.dtype)  # [seq, 1, dims] broadcasts over heads
+        sin = sin[offset:, None, :].to(x.dtype)
+    else:
+        cos, sin = _rotary_tables(dims, base, seq, x.device)
+        cos = cos[positions][:, :, None, :].to(x.dtype)  # [batch, seq, 1, dims]
+        sin = sin[positions][:, :, None, :].to(x.dtype)
     x_rot, x_pass = x[..., :dims], x[..., dims:]
     half = dims // 2
     rotated_half = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     return torch.cat([x_rot * cos + rotated_half * sin, x_pass], dim=-1)
+
+
+def split_positions(inputs):
+    """(tensor, position ids or None) of a layer input: a tensor, or (tensor, position ids) when
+    packed documents are masked from each other (the pair travels between pipeline stages)."""
+    return inputs if isinstance(inputs, tuple) else (inputs, None)
+
+
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, seq] boolean mask: causal, and only within a document (a document starts
+    where its position is 0)."""
+    documents = (positions == 0).cumsum(dim=1)  # [b, s]
+    same = documents[:, :, None] == documents[:, None, :]
+    return (same & torch.ones_like(same[0]).tril())[:, None]
+
+
+def _flash_varlen(flash_varlen, query, key, value, positions, dropout: float) -> torch.Tensor:
+    """flash-attn's variable-length kernel over the documents of every row, end to end."""
+    batch, seq = positions.shape
+    starts = torch.nonzero(positions.flatten() == 0).flatten().to(torch.int32)
+    cu_seqlens = torch.cat([starts, starts.new_tensor([batch * seq])])
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = flash_varlen(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1), cu_seqlens, cu_seqlens,
+                       longest, longest, dropout_p=dropout, causal=True)
+    return out.view(batch, seq, *out.shape[1:])
+
+
+def _flash_varlen_func():
+    """flash-attn's varlen kernel when it is installed, else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
 
 
 def _flash_attn_func():
@@ -169,7 +210,10 @@ class Attention(nn.Module):
             init_method=output_init(cfg), bias=cfg.bias, input_is_parallel=True, skip_bias_add=False,
         )
 
-    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """positions [batch, seq]: per-document positions of packed documents, which then attend
+        only within themselves (data.document_masking); None: one sequence."""
         batch, seq, _ = hidden.shape
         offset = cache.length if cache is not None else 0
         qkv, _ = self.qkv(hidden)
@@ -177,31 +221,38 @@ class Attention(nn.Module):
         query = qkv[:, :, :, : self.q_per_kv].reshape(batch, seq, self.local_heads, self.head_dim)
         key, value = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
         if self.rotary_dims:
-            query = apply_rotary(query, self.rotary_dims, self.rotary_base, offset)
-            key = apply_rotary(key, self.rotary_dims, self.rotary_base, offset)
+            query = apply_rotary(query, self.rotary_dims, self.rotary_base, offset, positions)
+            key = apply_rotary(key, self.rotary_dims, self.rotary_base, offset, positions)
         if cache is not None:
             key, value = cache.extend(self, key, value)
-        context = self._attend(query, key, value)  # [batch, seq, local_heads, head_dim]
+        context = self._attend(query, key, value, positions)  # [batch, seq, local_heads, head_dim]
         output, _ = self.dense(context.reshape(batch, seq, self.local_heads * self.head_dim))
         return output
 
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Causal attention of the last query.shape[1] positions over all key positions."""
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of the last query.shape[1] positions over all key positions (within
+        each document when `positions` are given)."""
         dropout = self.dropout if self.training else 0.0
-        flash = _flash_attn_func() if self.backend != "sdpa" and query.is_cuda else None
+        use_flash = self.backend != "sdpa" and query.is_cuda
+        flash = (_flash_attn_func() if positions is None else _flash_varlen_func()) if use_flash else None
         if self.backend == "flash" and flash is None:
             raise RuntimeError("model.attention_backend=flash needs flash-attn on a CUDA device; "
                                "install the 'gpu' extra or set model.attention_backend=auto")
         if flash is not None and query.dtype in (torch.float16, torch.bfloat16):
+            if positions is not None:  # documents as cu_seqlens: no [s, s] mask is built
+                return _flash_varlen(flash, query, key, value, positions, dropout)
             # GQA handled natively; causal aligns to the bottom right when keys outnumber queries.
             return flash(query, key, value, dropout_p=dropout, causal=True)
         queries, keys = query.shape[1], key.shape[1]
         mask = None
-        if queries not in (1, keys):  # a chunk after cached tokens: SDPA's is_causal is top-left aligned
+        if positions is not None:
+            mask = document_mask(positions)
+        elif queries not in (1, keys):  # a chunk after cached tokens: SDPA's is_causal is top-left aligned
             mask = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)
         out = F.scaled_dot_product_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask,
-            dropout_p=dropout, is_causal=queries == keys, enable_gqa=self.q_per_kv > 1,
+            dropout_p=dropout, is_causal=mask is None and queries == keys, enable_gqa=self.q_per_kv > 1,
         )
         return out.transpose(1, 2)
 
@@ -214,6 +265,7 @@ class MLP(nn.Module):
         inner = ffn_size(cfg)
         column = dict(config=parallel, init_method=normal_init(cfg.init_std), bias=cfg.bias, gather_output=False)
         self.gated = cfg.activation == "swiglu"
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         # Gate and up are separate layers so a column split keeps matching slices of both.
         self.gate = ColumnLinear(cfg.hidden_size, inner, **column) if self.gated else None
         self.up = ColumnLinear(cfg.hidden_size, inner, **column)
@@ -228,7 +280,7 @@ class MLP(nn.Module):
             gate, _ = self.gate(hidden)
             inner = F.silu(gate) * up
         else:
-            inner = F.gelu(up)
+            inner = F.gelu(up, approximate=self.approximate)
         output, _ = self.down(inner)
         return output
 
@@ -245,10 +297,14 @@ class Block(nn.Module):
         self.parallel_residual = cfg.parallel_residual
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, inputs, cache: KVCache | None = None):
+        """hidden [b, s, h] -> hidden; (hidden, positions) -> (hidden, positions) (split_positions)."""
+        hidden, positions = split_positions(inputs)
         if self.parallel_residual:
-            attn = self.attention(self.attn_norm(hidden), cache)
+            attn = self.attention(self.attn_norm(hidden), cache, positions)
             mlp = self.mlp(self.mlp_norm(hidden))
-            return hidden + self.dropout(attn) + self.dropout(mlp)
-        hidden = hidden + self.dropout(self.attention(self.attn_norm(hidden), cache))
-        return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+            hidden = hidden + self.dropout(attn) + self.dropout(mlp)
+        else:
+            hidden = hidden + self.dropout(self.attention(self.attn_norm(hidden), cache, positions))
+            hidden = hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+        return hidden if positions is None else (hidden, positions)

@@ -61,14 +61,14 @@ def _call_method(method: str):
     return None if method == "forward" else (lambda module, inputs: getattr(module, method)(inputs))
 
 
-def pipeline_module(cfg: Config, vocab_size: int, topo: Topology) -> nn.Module:
+def pipeline_module(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: int | None = None) -> nn.Module:
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from megatron_gpt.model.gpt import spec_seed
 
     SeededLayerSpec, SeededTiedLayerSpec = _seeded_spec_classes()
-    specs = layer_specs(cfg.model, vocab_size, parallel_config(topo.tensor, topo.pipeline))
+    specs = layer_specs(cfg.model, vocab_size, parallel_config(topo.tensor, topo.pipeline), vocab_limit)
     first_position: dict[str, int] = {}
     stages = []
     for position, spec in enumerate(specs):
@@ -87,10 +87,12 @@ def pipeline_module(cfg: Config, vocab_size: int, topo: Topology) -> nn.Module:
                           activation_checkpoint_interval=0)
 
 
-def build_model(cfg: Config, vocab_size: int, topo: Topology) -> nn.Module:
+def build_model(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: int | None = None) -> nn.Module:
+    """`vocab_size` rows (padded); logits of ids from `vocab_limit` (the tokenizer's size) on are hidden."""
     if topo.pipeline == 1:
-        return GPT(cfg.model, vocab_size, parallel_config(topo.tensor, 1), seed=cfg.training.seed)
-    return pipeline_module(cfg, vocab_size, topo)
+        return GPT(cfg.model, vocab_size, parallel_config(topo.tensor, 1), seed=cfg.training.seed,
+                   vocab_limit=vocab_limit)
+    return pipeline_module(cfg, vocab_size, topo, vocab_limit)
 
 
 def build_engine(model: nn.Module, cfg: Config, topo: Topology):

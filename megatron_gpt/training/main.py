@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.configs, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         return failed(f"error: {error}", 2)
+    from megatron_gpt.checkpoint.errors import CheckpointError
     from megatron_gpt.data.errors import DataError
     from megatron_gpt.parallel.groups import shutdown
     from megatron_gpt.launch.protocol import DIVERGED_EXIT_CODE
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             say_line(f"rank {dist.get_rank()}/{dist.get_world_size()}: finished")
     except preemption.Preempted:
         return preemption.exit_code()
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         return failed(f"error: {error}", 2)
     except Diverged as error:
         return failed(f"error: {error}", DIVERGED_EXIT_CODE)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
+from megatron_gpt.data.datasets import model_inputs
 from megatron_gpt.model import masked_mean, token_losses
 from megatron_gpt.parallel.groups import Topology
 from megatron_gpt.training.engine import PipelineLoss
@@ -32,7 +33,7 @@ class PlainRunner:
         forward_backward = optimizer = 0.0
         for batch in batches:
             begin = clock()
-            logits = self.engine(batch["tokens"])
+            logits = self.engine(model_inputs(batch))
             loss = masked_mean(token_losses(logits, batch["labels"], self.topo.tensor), batch["loss_mask"])
             self.engine.backward(loss)
             middle = clock()
@@ -61,7 +62,7 @@ class PipelineRunner:
 
     @staticmethod
     def _pairs(batches: list[dict]):
-        return iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches])
+        return iter([(model_inputs(b), (b["labels"], b["loss_mask"])) for b in batches])
 
     def train_step(self, batches: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
         started = time.perf_counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_gpt.checkpoint import restore as checkpoint_restore, store as checkpoint_store
+from megatron_gpt.checkpoint import Saver, restore as checkpoint_restore, store as checkpoint_store
 from megatron_gpt.config import batch_layout, config_to_dict, padded_vocab_size
 from megatron_gpt.config.schema import Config
 from megatron_gpt.data.datasets import SampleOrder, build_datasets, byte_lengths_table, collate
@@ -21,7 +21,7 @@ from megatron_gpt.parallel.groups import Topology, barrier, init_distributed, se
 from megatron_gpt.training import preemption
 from megatron_gpt.training.engine import build_engine, build_model
 from megatron_gpt.training.gradients import GradientPath
-from megatron_gpt.training.guard import StepGuard
+from megatron_gpt.training.guard import Diverged, StepGuard
 from megatron_gpt.training.observe.backends import Backends
 from megatron_gpt.training.observe.flops import peak_flops, training_flops_per_token
 from megatron_gpt.training.observe.metrics import MetricsLog, Throughput
@@ -35,9 +35,9 @@ def dataset_prefixes(cfg: Config, topo: Topology, cache_dir: str) -> list[str]:
     """The preprocessed prefixes to train on; an embedded corpus is prepared by rank 0 first."""
     if cfg.data.embedded is None:
         return list(cfg.data.paths)
-    prefix = prepare_embedded(cfg.data.embedded, cache_dir) if topo.is_first else None
+    prefix = prepare_embedded(cfg.data.embedded, cache_dir, tokenizer=cfg.tokenizer) if topo.is_first else None
     barrier()
-    return [prefix or prepare_embedded(cfg.data.embedded, cache_dir)]
+    return [prefix or prepare_embedded(cfg.data.embedded, cache_dir, tokenizer=cfg.tokenizer)]
 
 
 def run_dir_path(cfg: Config) -> Path:
@@ -67,7 +67,7 @@ class Trainer:
         self.tokenizer = tokenizer = build_tokenizer(cfg.tokenizer)
         prefixes = dataset_prefixes(cfg, topo, cache_dir)
         vocab_size = padded_vocab_size(tokenizer.vocab_size, cfg)
-        self.model = build_model(cfg, vocab_size, topo)
+        self.model = build_model(cfg, vocab_size, topo, vocab_limit=tokenizer.vocab_size)
         # What the run starts from (a checkpoint in this or another layout, checkpoint.init_from, or
         # nothing); layout-independent weights go into each rank's slice before DeepSpeed wraps the model.
         self.restore = checkpoint_restore.plan_restore(cfg, topo)
@@ -94,6 +94,7 @@ class Trainer:
         self.valid_batches = eval_batches(valid_set, self.order, cfg.training.eval_iters, topo.device)
         self.byte_lengths = byte_lengths_table(tokenizer, vocab_size)
         self.start_step = self.restore.finish(self.engine, self.model, cfg, topo)
+        self.saver = Saver()
 
         self.run_dir = run_dir = prepare_run_dir(cfg, topo)
         tokens_per_step = layout.global_batch_size * cfg.model.seq_length
@@ -144,9 +145,10 @@ class Trainer:
                  f"validation bits per byte {result['val_bpb']:.4f}")
         return result
 
-    def save(self, step: int) -> str:
-        return checkpoint_store.save(self.engine, self.cfg, step, step * self.layout.global_batch_size,
-                               model=self.model, topo=self.topo, tokenizer=self.tokenizer)
+    def save(self, step: int, asynchronous: bool = False) -> str:
+        """Collective: this rank writes its shard of checkpoint `step` (in the background if asked)."""
+        return self.saver.save(self.engine, self.cfg, step, step * self.layout.global_batch_size, self.model, self.topo,
+                               self.tokenizer, asynchronous=asynchronous)
 
     def run(self) -> dict:
         """Train from the resumed step to train_steps; returns the final validation metrics."""
@@ -165,7 +167,11 @@ class Trainer:
             if skipped:
                 self.say(f"step {step + 1}: skipped ({self.guard.why}); parameters and optimizer unchanged")
                 self.metrics.flush()
-            self.guard.after_step(step)  # raises Diverged after training.max_skipped_steps in a row
+            try:
+                self.guard.after_step(step)  # raises Diverged after training.max_skipped_steps in a row
+            except Diverged:
+                self.saver.wait()  # a background save of an earlier (finite) step completes first
+                raise
             done = step + 1
             if done % cfg.logging.log_interval == 0 or done == steps:
                 self.metrics.flush()
@@ -173,7 +179,7 @@ class Trainer:
                 self.evaluate(done)
                 self.metrics.window_start = time.perf_counter()  # keep eval time out of tokens/s
             if save_every and done % save_every == 0 and done != steps:
-                self.save(done)
+                self.save(done, asynchronous=cfg.checkpoint.async_save)
             if done != steps and self.stop_requested():  # a signal on any rank: all stop here
                 self.stop_for_preemption(done)
         trained = steps - self.start_step
@@ -185,6 +191,7 @@ class Trainer:
         self.say(f"validation bits per byte: {result['val_bpb']:.4f}")
         if cfg.checkpoint.save_dir and trained:
             self.say(f"saved checkpoint {self.save(steps)}")
+        self.saver.wait()  # a background save still writing (no final save: nothing trained)
         self.generate_samples()
         self.finish()
         return result
@@ -195,7 +202,7 @@ class Trainer:
         self.metrics.flush()
         path = None
         if save_dir:
-            just_saved = checkpoint_store.latest_tag(save_dir) == checkpoint_store.tag_for(step)
+            just_saved = checkpoint_store.latest_tag(save_dir) == checkpoint_store.tag_for(step) and self.saver.pending is None
             path = os.path.join(save_dir, checkpoint_store.tag_for(step)) if just_saved else self.save(step)
             self.say(f"preempted: saved checkpoint {path} at step {step}; exiting with code {EXIT_CODE}, "
                      "relaunch to resume from it")

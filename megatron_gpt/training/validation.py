@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_gpt.data.datasets import SampleOrder, collate
+from megatron_gpt.data.datasets import SampleOrder, collate, model_inputs
 from megatron_gpt.model import token_losses
 
 
@@ -28,7 +28,7 @@ def module_summed_nats(model, tensor_parallel_size: int) -> Callable[[list[dict]
         model.eval()
         total = torch.zeros((), dtype=torch.float64)
         for batch in batches:
-            losses = token_losses(model(batch["tokens"]), batch["labels"], tensor_parallel_size)
+            losses = token_losses(model(model_inputs(batch)), batch["labels"], tensor_parallel_size)
             total += (losses * batch["loss_mask"]).sum().double().cpu()
         model.train(was_training)
         return total
