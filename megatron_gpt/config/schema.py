@@ -59,6 +59,13 @@ class ModelConfig(Section):
     """Standard deviation of the normal weight initialization."""
     attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
     """auto: flash-attn when installed and on GPU, else torch SDPA; flash: require flash-attn."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: none stores every activation for the backward pass; selective recomputes
+    the attention core (scores, softmax, dropout) as Megatron does; full stores only each chunk's
+    input and reruns its blocks in the backward pass (GPT-NeoX: checkpoint_activations)."""
+    recompute_num_layers: int = Field(1, ge=1)
+    """recompute=full: transformer blocks per recomputed chunk (Megatron's uniform method); one
+    stored input per chunk, the chunk's activations live only while its backward runs."""
 
 
 class ParallelismConfig(Section):
@@ -74,6 +81,9 @@ class ParallelismConfig(Section):
     shared_memory_allreduce: bool = True
     """On CPU with every rank on one host: all-reduce fp32 data-parallel gradients (ZeRO-0, tensor=pipeline=1)
     through DeepSpeed's shared-memory kernel instead of gloo's TCP; false keeps gloo."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (needs tensor > 1): norms and dropout work on this rank's slice
+    of the sequence; all-gather before and reduce-scatter after each tensor-parallel region."""
 
 
 class TokenizerConfig(Section):
@@ -188,6 +198,8 @@ class TrainingConfig(Section):
     spike_factor: Optional[float] = Field(None, gt=1)
     """Also skip a step whose loss exceeds this factor x the median loss of the last 20 applied
     steps (needs 5 of them); null disables the spike guard."""
+    compile: bool = False
+    """torch.compile each transformer block (inductor, CPU or GPU), applied from outside the model."""
 
 
 class CheckpointConfig(Section):
@@ -318,6 +330,10 @@ class Config(Section):
     """Metrics output."""
     launcher: LauncherConfig = LauncherConfig()
     """How and where ranks are started."""
+    deepspeed: dict[str, Any] = {}
+    """Merged last into the DeepSpeed JSON derived from the sections above, for what they do not
+    model (offload_optimizer/offload_param under zero_optimization, overlap_comm, bucket sizes,
+    flops_profiler, comms_logger, ...); keys derived from other sections are refused here."""
 
     @property
     def world_size(self) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import yaml
+from pydantic import BaseModel
 
 from .derive import batch_layout
 from .loader import DEFAULT, config_to_dict
@@ -39,8 +40,9 @@ def to_yaml(cfg: Config, doc: bool = False, origins: Mapping[str, str] | None = 
     out: list[str] = []
     for name, field in Config.model_fields.items():
         value = data[name]
-        out += _comment(field.description, None if isinstance(value, dict) else (origins or {}).get(name), "")
-        if isinstance(value, dict):
+        is_section = isinstance(getattr(cfg, name), BaseModel)
+        out += _comment(field.description, None if is_section else (origins or {}).get(name), "")
+        if is_section:
             section = getattr(cfg, name)
             out.append(f"{name}:\n")
             for key, sub in type(section).model_fields.items():
