@@ -3,7 +3,10 @@ start-up), with the real Trainer. For each layout it writes the per-step losses 
 from the Trainer) and the step-0 gradients gathered to full tensors under layout-independent
 names, which tests/test_parallelism.py compares with a single-process run.
 
-    torchrun --nproc_per_node N tests/parallel_harness.py OUT FAMILY T,P,Z [T,P,Z ...]
+    torchrun --nproc_per_node N tests/parallel_harness.py OUT FAMILY T,P,Z[,VARIANT] [...]
+
+A VARIANT (a key of VARIANTS) adds its overrides to that layout only; its run folder is
+FAMILY-tpT-ppP-zZ-VARIANT, beside the plain layout's it is compared with.
 """
 
 from __future__ import annotations
@@ -31,6 +34,19 @@ FAMILIES = {
     "neox-sft-docmask": ["model.parallel_residual=true", "model.rotary_pct=0.5", "model.tie_embeddings=true",
                          "data.document_masking=true", "data.embedded=null", "data.weights=[0.6,0.4]"],
 }
+
+
+# Features that must not change the numbers, run as extra layouts of a family's job.
+VARIANTS = {
+    "recompute-full": ["model.recompute=full", "model.recompute_num_layers=2"],
+    "recompute-selective": ["model.recompute=selective"],
+    "sequence-parallel": ["parallelism.sequence_parallel=true"],
+}
+
+
+def layout_name(family: str, tensor: int, pipeline: int, zero: int, variant: str | None = None) -> str:
+    """The run folder of one layout (and variant) of a family."""
+    return f"{family}-tp{tensor}-pp{pipeline}-z{zero}" + (f"-{variant}" if variant else "")
 
 
 def family_data(out: Path, family: str) -> list[str]:
@@ -73,15 +89,16 @@ def full_gradients(engine, model) -> dict[str, torch.Tensor]:
     return grads
 
 
-def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, world: int) -> None:
+def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, world: int,
+               variant: str | None = None) -> None:
     from megatron.core import parallel_state
 
     from megatron_gpt.config import load_config
     from megatron_gpt.training import gradients
     from megatron_gpt.training.trainer import Trainer
 
-    layout_dir = out / f"{family}-tp{tensor}-pp{pipeline}-z{zero}"
-    overrides = FAMILIES[family] + [
+    layout_dir = out / layout_name(family, tensor, pipeline, zero, variant)
+    overrides = FAMILIES[family] + VARIANTS.get(variant, []) + [
         f"parallelism.tensor={tensor}", f"parallelism.pipeline={pipeline}", f"parallelism.zero_stage={zero}",
         f"launcher.nproc_per_node={world}", f"logging.run_dir={layout_dir}", f"data.cache_dir={out / 'cache'}",
         "training.train_steps=8", "training.global_batch_size=8", "training.micro_batch_size=2",
@@ -132,8 +149,8 @@ def main() -> None:
 
     init_distributed(1, 1, "cpu")
     for layout in layouts:
-        tensor, pipeline, zero = (int(x) for x in layout.split(","))
-        run_layout(out, family, tensor, pipeline, zero, dist.get_world_size())
+        tensor, pipeline, zero, *variant = layout.split(",")
+        run_layout(out, family, int(tensor), int(pipeline), int(zero), dist.get_world_size(), *variant)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from parallel_harness import layout_name
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +38,9 @@ def run_harness(out: Path, family: str, nproc: int, layouts: list[tuple[int, int
     return done.stdout
 
 
-def load_run(out: Path, family: str, layout: tuple[int, int, int]) -> tuple[dict, dict, str]:
-    tensor, pipeline, zero = layout
-    run_dir = out / f"{family}-tp{tensor}-pp{pipeline}-z{zero}"
+def load_run(out: Path, family: str, layout: tuple) -> tuple[dict, dict, str]:
+    """Losses and step-0 gradients of a (tensor, pipeline, zero[, variant]) layout."""
+    run_dir = out / layout_name(family, *layout)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in records if "loss" in r}
     grads: dict[str, torch.Tensor] = {}
