@@ -23,7 +23,7 @@ import torch
 
 from megatron_gpt.checkpoint.sharded import KINDS, Piece, Sharded
 from megatron_gpt.config.schema import Config
-from megatron_gpt.model.names import Layout, canonical_names
+from megatron_gpt.model.names import Prefixes, canonical_names
 
 STATE_KEYS = KINDS[1:]
 
@@ -166,7 +166,7 @@ def _jsonable(value: Any) -> Any:
 def load_weights(model, cfg: Config, topo, source: Sharded) -> None:
     """Copy each parameter's slice into `model` (before DeepSpeed wraps it)."""
     names = canonical_names(model)
-    vocab = Layout.of(cfg.model).vocab_names()
+    vocab = Prefixes.of(cfg.model).vocab_names()
     with torch.no_grad():
         for name, param in model.named_parameters():
             canonical = names[name]
@@ -223,7 +223,7 @@ def load_optimizer(engine, model, cfg: Config, topo, source: Sharded, meta: dict
     """AdamW moments, fp32 master weights, step count, learning rates and LR-schedule state into a
     fresh engine, each rank reading only its own partition of its own slice."""
     names = canonical_names(model)
-    vocab = Layout.of(cfg.model).vocab_names()
+    vocab = Prefixes.of(cfg.model).vocab_names()
     base = _base_optimizer(engine)
     _ensure_adam_state(engine)
     _link_zero_fragments(engine)

@@ -26,7 +26,7 @@ from megatron_gpt.checkpoint.opening import Checkpoint, open_checkpoint
 from megatron_gpt.config.schema import Config
 from megatron_gpt.data.tokenizer import Tokenizer, build_tokenizer
 from megatron_gpt.model import GPT, parallel_config
-from megatron_gpt.model.names import Layout
+from megatron_gpt.model.names import Prefixes
 
 __all__ = ["CheckpointError", "Loaded", "Source", "load_checkpoint", "read_checkpoint", "ensure_single_process_groups"]
 
@@ -113,7 +113,7 @@ def load_checkpoint(path: str | Path, tag: str | None = None, tokenizer: str | o
     source = read_checkpoint(path, tag, tokenizer)
     cfg = source.cfg
     ensure_single_process_groups()
-    embedding = f"{Layout.of(cfg.model).embedding}.word.weight"
+    embedding = f"{Prefixes.of(cfg.model).embedding}.word.weight"
     model = GPT(cfg.model, source.state[embedding].shape[0], parallel_config(1, 1), seed=cfg.training.seed,
                 vocab_limit=source.tokenizer.vocab_size)  # padding ids never win, as in training
     names = model.canonical_names()

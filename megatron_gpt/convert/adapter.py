@@ -14,6 +14,21 @@ class UnsupportedOption(ValueError):
     """A model option the target architecture cannot express (never exported silently wrong)."""
 
 
+def refuse_export(architecture: str, problems: list[str], fix: str) -> None:
+    """An adapter's `check` verdict: one UnsupportedOption naming every option of ours that
+    `architecture` cannot express, and the fix; nothing when `problems` is empty."""
+    if problems:
+        raise UnsupportedOption(f"{architecture} cannot express " + "; ".join(problems) + f"; fix: {fix}")
+
+
+def refuse_import(architecture: str, problems: list[str]) -> None:
+    """An adapter's `model_config` verdict on an HF config: one UnsupportedOption naming every
+    setting our model cannot express; nothing when `problems` is empty."""
+    if problems:
+        raise UnsupportedOption(f"this {architecture} checkpoint has " + "; ".join(problems)
+                                + "; our model cannot express it, so it is not imported")
+
+
 class Adapter(Protocol):
     """One HF architecture, implemented as a module (convert.neox, convert.llama, convert.gpt2):
     `to_hf` and `from_hf` map state dicts (canonical names <-> HF names); `check` raises

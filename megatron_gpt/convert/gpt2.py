@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.convert.adapter import UnsupportedOption
-from megatron_gpt.model.names import Layout
+from megatron_gpt.convert.adapter import refuse_export, refuse_import
+from megatron_gpt.model.names import Prefixes
 
 ARCHITECTURE = "GPT2LMHeadModel"
 CONFIG_CLASS = "GPT2Config"
@@ -63,10 +63,8 @@ def check(cfg: ModelConfig) -> None:
         problems.append("model.parallel_residual=true (GPT-2's block is sequential)")
     if cfg.num_kv_heads not in (None, cfg.num_attention_heads):
         problems.append(f"model.num_kv_heads={cfg.num_kv_heads} (GPT-2 has no grouped-query attention)")
-    if problems:
-        raise UnsupportedOption(f"{ARCHITECTURE} cannot express " + "; ".join(problems)
-                                + "; fix: export with --arch neox or llama if the model is in that style, or train a "
-                                "model with the GPT-2 options (see README: Model families)")
+    refuse_export(ARCHITECTURE, problems, "export with --arch neox or llama if the model is in that style, or train a "
+                  "model with the GPT-2 options (see README: Model families)")
 
 
 def hf_config_kwargs(cfg: ModelConfig, vocab_size: int, ffn_hidden_size: int) -> dict[str, Any]:
@@ -94,7 +92,7 @@ def _parts_first(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our canonical state dict -> GPT2LMHeadModel's."""
     check(cfg)
-    at = Layout.of(cfg)
+    at = Prefixes.of(cfg)
     out = {"transformer.wte.weight": state[f"{at.embedding}.word.weight"],
            "transformer.wpe.weight": state[f"{at.embedding}.position.weight"]}
     for i in range(cfg.num_layers):
@@ -124,9 +122,7 @@ def model_config(hf: Any, rope: dict[str, Any]) -> dict[str, Any]:
         problems.append("scale_attn_by_inverse_layer_idx=true")
     if getattr(hf, "add_cross_attention", False):
         problems.append("add_cross_attention=true")
-    if problems:
-        raise UnsupportedOption(f"this {ARCHITECTURE} checkpoint has " + "; ".join(problems)
-                                + "; our model cannot express it, so it is not imported")
+    refuse_import(ARCHITECTURE, problems)
     return dict(
         num_layers=hf.n_layer, hidden_size=hf.n_embd, num_attention_heads=hf.n_head, num_kv_heads=None,
         ffn_hidden_size=hf.n_inner or 4 * hf.n_embd, seq_length=hf.n_positions, norm="layernorm",
@@ -146,7 +142,7 @@ def normalize_keys(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's state dict -> our canonical one (vocabulary rows as in the HF model)."""
     hf_state = normalize_keys(hf_state)
-    at = Layout.of(cfg)
+    at = Prefixes.of(cfg)
     state = {f"{at.embedding}.word.weight": hf_state["transformer.wte.weight"],
              f"{at.embedding}.position.weight": hf_state["transformer.wpe.weight"]}
     for i in range(cfg.num_layers):
@@ -167,7 +163,7 @@ def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 def used_keys(cfg: ModelConfig) -> set[str]:
     """The HF tensor names from_hf reads (others in a checkpoint are reported, not silently dropped)."""
-    at = Layout.of(cfg)
+    at = Prefixes.of(cfg)
     names = [f"{at.embedding}.word.weight", f"{at.embedding}.position.weight",
              f"{at.final_norm}.norm.weight", f"{at.final_norm}.norm.bias"]
     names += [f"{at.block(i)}.{ours}.{kind}" for i in range(cfg.num_layers) for ours in _BLOCK for kind in ("weight", "bias")]

@@ -34,7 +34,7 @@ from megatron_gpt.checkpoint.reader import read_checkpoint
 from megatron_gpt.config.schema import Config, ModelConfig
 from megatron_gpt.convert import gpt2, llama, neox
 from megatron_gpt.convert.adapter import Adapter, UnsupportedOption
-from megatron_gpt.model.names import Layout, fit_rows
+from megatron_gpt.model.names import Prefixes, fit_rows
 
 ADAPTERS: dict[str, Adapter] = {"neox": neox, "llama": llama, "gpt2": gpt2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -208,10 +208,10 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, arch: str |
     adapter = ADAPTERS[arch]
     adapter.check(cfg.model)
     rows = vocab_size or source.tokenizer.vocab_size
-    padded = source.state[f"{Layout.of(cfg.model).embedding}.word.weight"].shape[0]
+    padded = source.state[f"{Prefixes.of(cfg.model).embedding}.word.weight"].shape[0]
     if rows > padded:
         raise ValueError(f"vocab size {rows} is larger than the checkpoint's {padded} embedding rows")
-    state = {name: (tensor[:rows] if name in Layout.of(cfg.model).vocab_names() else tensor)
+    state = {name: (tensor[:rows] if name in Prefixes.of(cfg.model).vocab_names() else tensor)
              for name, tensor in source.state.items()}
     tensors = {name: t.detach().to(DTYPES[dtype]).contiguous().clone() for name, t in adapter.to_hf(state, cfg.model).items()}
 
@@ -344,7 +344,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
         raise UnsupportedOption(f"{hf_dir}: tensors {unknown[:5]} are not part of a {adapter.ARCHITECTURE} our model can "
                                 f"express, or {missing[:5]} are missing; nothing was imported")
     state = {name: t.float() for name, t in adapter.from_hf(hf_state, cfg.model).items()}
-    rows = state[f"{Layout.of(cfg.model).embedding}.word.weight"].shape[0]
+    rows = state[f"{Prefixes.of(cfg.model).embedding}.word.weight"].shape[0]
     padded = padded_vocab_size(tok.vocab_size, cfg)
     if not tok.vocab_size <= rows <= padded:
         raise UnsupportedOption(
@@ -352,7 +352,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tensor: int = 1
             f"(model.make_vocab_size_divisible_by {cfg.model.make_vocab_size_divisible_by} x tensor {tensor}); fix: "
             + ("pass the model's own tokenizer" if rows < tok.vocab_size else
                "raise model.make_vocab_size_divisible_by in the written config so the padding holds every row"))
-    for name in Layout.of(cfg.model).vocab_names():
+    for name in Prefixes.of(cfg.model).vocab_names():
         state[name] = fit_rows(state[name], padded)
 
     for stale in [*out.glob("stage*.pt"), out / "universal.json"]:  # an older import's pickled format

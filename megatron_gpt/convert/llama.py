@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.convert.adapter import UnsupportedOption
-from megatron_gpt.model.names import Layout
+from megatron_gpt.convert.adapter import refuse_export, refuse_import
+from megatron_gpt.model.names import Prefixes
 
 ARCHITECTURE = "LlamaForCausalLM"
 MODEL_TYPE = "llama"
@@ -49,10 +49,8 @@ def check(cfg: ModelConfig) -> None:
         problems.append(f"model.rotary_pct={cfg.rotary_pct:g} (Llama rotates every head dimension)")
     if cfg.parallel_residual:
         problems.append("model.parallel_residual=true (Llama blocks are sequential)")
-    if problems:
-        raise UnsupportedOption(f"{ARCHITECTURE} cannot express " + "; ".join(problems)
-                                + "; fix: export with --arch neox if the model is NeoX-style, or train a model "
-                                "with the Llama options (see README: Model families)")
+    refuse_export(ARCHITECTURE, problems, "export with --arch neox if the model is NeoX-style, or train a model "
+                  "with the Llama options (see README: Model families)")
 
 
 def _heads(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -95,7 +93,7 @@ def _kinds(cfg: ModelConfig) -> tuple[str, ...]:
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our canonical state dict -> LlamaForCausalLM's (q/k/v are views of our fused QKV)."""
     check(cfg)
-    at = Layout.of(cfg)
+    at = Prefixes.of(cfg)
     out = {"model.embed_tokens.weight": state[f"{at.embedding}.word.weight"]}
     for i in range(cfg.num_layers):
         ours, theirs = at.block(i), f"model.layers.{i}"
@@ -129,9 +127,7 @@ def model_config(hf: Any, rope: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"partial_rotary_factor={rope['partial']}")
     if getattr(hf, "pretraining_tp", 1) not in (None, 1):
         problems.append(f"pretraining_tp={hf.pretraining_tp}")
-    if problems:
-        raise UnsupportedOption(f"this {ARCHITECTURE} checkpoint has " + "; ".join(problems)
-                                + "; our model cannot express it, so it is not imported")
+    refuse_import(ARCHITECTURE, problems)
     kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     return dict(
         num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_attention_heads,
@@ -145,7 +141,7 @@ def model_config(hf: Any, rope: dict[str, Any]) -> dict[str, Any]:
 
 def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM's state dict -> our canonical one (vocabulary rows as in the HF model)."""
-    at = Layout.of(cfg)
+    at = Prefixes.of(cfg)
     state = {f"{at.embedding}.word.weight": hf_state["model.embed_tokens.weight"]}
     for i in range(cfg.num_layers):
         ours, theirs = at.block(i), f"model.layers.{i}"

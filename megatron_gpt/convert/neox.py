@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.convert.adapter import UnsupportedOption
-from megatron_gpt.model.names import Layout
+from megatron_gpt.convert.adapter import refuse_export, refuse_import
+from megatron_gpt.model.names import Prefixes
 
 ARCHITECTURE = "GPTNeoXForCausalLM"
 MODEL_TYPE = "gpt_neox"
@@ -54,10 +54,8 @@ def check(cfg: ModelConfig) -> None:
         problems.append(f"model.position_embedding={cfg.position_embedding} (GPTNeoX has rotary positions only)")
     if cfg.num_kv_heads not in (None, cfg.num_attention_heads):
         problems.append(f"model.num_kv_heads={cfg.num_kv_heads} (GPTNeoX has no grouped-query attention)")
-    if problems:
-        raise UnsupportedOption(f"{ARCHITECTURE} cannot express " + "; ".join(problems)
-                                + "; fix: export with --arch llama if the model is Llama-style, or train a model "
-                                "with the GPT-NeoX options (see README: Model families)")
+    refuse_export(ARCHITECTURE, problems, "export with --arch llama if the model is Llama-style, or train a model "
+                  "with the GPT-NeoX options (see README: Model families)")
 
 
 def hf_config_kwargs(cfg: ModelConfig, vocab_size: int, ffn_hidden_size: int) -> dict[str, Any]:
@@ -74,7 +72,7 @@ def hf_config_kwargs(cfg: ModelConfig, vocab_size: int, ffn_hidden_size: int) ->
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our canonical state dict -> GPTNeoXForCausalLM's (no tensor is copied or changed)."""
     check(cfg)
-    at = Layout.of(cfg)
+    at = Prefixes.of(cfg)
     out = {"gpt_neox.embed_in.weight": state[f"{at.embedding}.word.weight"]}
     for i in range(cfg.num_layers):
         for ours, theirs in _BLOCK.items():
@@ -96,9 +94,7 @@ def model_config(hf: Any, rope: dict[str, Any]) -> dict[str, Any]:
         problems.append("attention_bias=false with MLP biases (our model.bias covers both)")
     if rope["type"] not in (None, "default"):
         problems.append(f"rope type {rope['type']!r} (ours is plain rotary)")
-    if problems:
-        raise UnsupportedOption(f"this {ARCHITECTURE} checkpoint has " + "; ".join(problems)
-                                + "; our model cannot express it, so it is not imported")
+    refuse_import(ARCHITECTURE, problems)
     return dict(
         num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_attention_heads,
         num_kv_heads=None, ffn_hidden_size=hf.intermediate_size, seq_length=hf.max_position_embeddings,
@@ -111,7 +107,7 @@ def model_config(hf: Any, rope: dict[str, Any]) -> dict[str, Any]:
 
 def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """GPTNeoXForCausalLM's state dict -> our canonical one (vocabulary rows as in the HF model)."""
-    at = Layout.of(cfg)
+    at = Prefixes.of(cfg)
     state = {f"{at.embedding}.word.weight": hf_state["gpt_neox.embed_in.weight"]}
     for i in range(cfg.num_layers):
         for ours, theirs in _BLOCK.items():
@@ -133,7 +129,7 @@ def used_keys(cfg: ModelConfig) -> set[str]:
 
 
 def _canonical_names(cfg: ModelConfig) -> list[str]:
-    at = Layout.of(cfg)
+    at = Prefixes.of(cfg)
     names = [f"{at.embedding}.word.weight", f"{at.final_norm}.norm.weight", f"{at.final_norm}.norm.bias"]
     names += [f"{at.block(i)}.{ours}.{kind}" for i in range(cfg.num_layers) for ours in _BLOCK for kind in ("weight", "bias")]
     if not cfg.tie_embeddings:

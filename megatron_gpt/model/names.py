@@ -52,13 +52,13 @@ def canonical_names(model) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Prefixes:
     """Canonical-name prefixes of each part of the model, for adapters that address parts by role."""
 
     slots: tuple[Slot, ...]
 
     @classmethod
-    def of(cls, cfg: ModelConfig) -> "Layout":
+    def of(cls, cfg: ModelConfig) -> "Prefixes":
         return cls(tuple(spec_order(cfg)))
 
     def _prefix(self, kind: str, method: str = "forward", nth: int = 0) -> str:
