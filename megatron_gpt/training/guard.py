@@ -3,7 +3,7 @@ training.spike_factor, whose loss jumps above factor x the median of recent step
 
 The check runs inside the optimizer's step, which the plain and the pipeline engine both reach
 once per optimizer step on every rank, after the gradients are final and before any parameter
-changes. Every rank votes (one scalar all-reduce, MAX) so they all skip together: a data rank with
+changes. Every rank votes (parallel.vote: one scalar on the host) so they all skip together: a data rank with
 a NaN batch cannot leave the others' replicas apart. A skipped step leaves the parameters, the
 optimizer state and the LR schedule as they were (DeepSpeed's own fp16-overflow path: the
 optimizer's `overflow` flag), and its gradients are dropped. training.max_skipped_steps skips in a
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gpt.parallel.groups import Topology
+from megatron_gpt.parallel.vote import any_rank
 
 FAULT_STEPS = "MEGATRON_GPT_FAULT_NAN_STEPS"
 """Test hook: comma-separated steps (0-based) at which the first rank that holds the loss sees
@@ -36,21 +37,6 @@ class Diverged(RuntimeError):
                          "schedule.warmup_steps or training.gradient_clipping, check the data, or resume from "
                          "an earlier checkpoint")
         self.step, self.skipped = step, skipped
-
-
-def any_rank(flag: bool, topo: Topology) -> bool:
-    """True on every rank if `flag` is True on any (one collective over the whole world)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    if topo.shared_memory:
-        from megatron_gpt.parallel.cpu.shared_memory import all_reduce
-
-        vote = torch.tensor([float(flag)])
-        all_reduce(vote)
-        return vote.item() > 0
-    vote = torch.tensor([int(flag)], dtype=torch.int32, device=topo.device if dist.get_backend() != "gloo" else "cpu")
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-    return bool(vote.item())
 
 
 class StepGuard:
@@ -108,7 +94,7 @@ class StepGuard:
     def _step(self, *args, **kwargs):
         why = self._bad_here()
         optimizer = self.engine.optimizer
-        self.skipped_now = any_rank(bool(why), self.topo)
+        self.skipped_now = any_rank(bool(why), self.topo.shared_memory)
         if self.skipped_now:
             self.why = why or "a non-finite loss or gradient norm on another rank"
             optimizer.overflow = True  # DeepSpeed then leaves the LR schedule alone and counts a skip

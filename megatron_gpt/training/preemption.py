@@ -15,6 +15,7 @@ import signal
 import sys
 
 from megatron_gpt.launch.protocol import EXIT_CODE, EXIT_FILE, SIGNALS
+from megatron_gpt.parallel.vote import any_rank
 
 
 class Preempted(Exception):
@@ -31,7 +32,6 @@ class Watcher:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous = {}
-        self._gloo = None
 
     def install(self) -> "Watcher":
         for sig in SIGNALS:
@@ -61,34 +61,9 @@ class Watcher:
                   "saving a checkpoint at the next step boundary", file=sys.stderr, flush=True)
 
     def requested(self, shared_memory: bool = False) -> bool:
-        """Collective over all ranks: True on every rank if any rank got a signal. Asked every step,
-        so it stays on the host: through shared memory where every rank is on one CPU host (see
-        shared_memory), else over the default group when that is gloo (CPU), else over a gloo
-        group of the same ranks; an NCCL all-reduce plus .item() would make the host wait for
-        every queued kernel each step. `shared_memory`: Topology.shared_memory."""
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.received is not None
-        if shared_memory:
-            from megatron_gpt.parallel.cpu.shared_memory import all_reduce
-
-            flag = torch.tensor([0.0 if self.received is None else 1.0])
-            all_reduce(flag)
-            return flag.item() > 0
-        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group())
-        return bool(flag.item())
-
-    def _host_group(self):
-        import torch.distributed as dist
-
-        if dist.get_backend() == "gloo":
-            return None
-        if self._gloo is None:  # every rank reaches its first check at the same step: new_group is collective
-            self._gloo = dist.new_group(backend="gloo")
-        return self._gloo
+        """Collective over all ranks: True on every rank if any rank got a signal (answered on the
+        host, see parallel.vote). `shared_memory`: Topology.shared_memory."""
+        return any_rank(self.received is not None, shared_memory)
 
 
 _watcher: Watcher | None = None
