@@ -56,3 +56,33 @@ def model_activation_bytes(model_cfg, vocab_size: int, micro_batch: int, precisi
     count, result = saved_bytes(loss, exclude=model.parameters())
     del result
     return count
+
+
+def main() -> None:
+    """torchrun --nproc_per_node T tests/activation_bytes.py OUT.json FAMILY...: every recompute mode
+    of each family of tests/test_recompute.py at tensor size T; rank 0 writes {"FAMILY MODE": bytes}."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_recompute import MODES, VOCAB, config
+
+    dist.init_process_group("gloo")
+    tensor = dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor, 1)
+    found = {}
+    for family in sys.argv[2:]:
+        for mode in MODES:
+            cfg = config(family, mode, f"parallelism.tensor={tensor}", f"launcher.nproc_per_node={tensor}")
+            found[f"{family} {mode}"] = model_activation_bytes(cfg.model, VOCAB, cfg.training.micro_batch_size)
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps(found))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -97,3 +97,26 @@ def test_impossible_recompute_settings_are_clear_errors(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config([TINY], overrides)
     assert message in str(info.value) and "fix: set model.recompute" in str(info.value)
+
+
+def test_memory_plan_matches_saved_activations_at_tensor_2(tmp_path):
+    """The same measuring inside a 2-rank torchrun job (tensor-parallel layers, vocab-parallel loss):
+    the plan's per-rank bytes within 10% for every family and mode."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from megatron_gpt.training.memory_plan import model_activation_bytes as planned
+
+    out = tmp_path / "bytes.json"
+    script = Path(__file__).parent / "activation_bytes.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(out), *FAMILIES], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    for name, got in json.loads(out.read_text()).items():
+        family, mode = name.split()
+        plan = planned(config(family, mode, "parallelism.tensor=2", "launcher.nproc_per_node=2"), VOCAB, device="cpu")
+        print(f"tp2 {family} {mode}: plan {plan:,.0f} B, measured {got:,} B ({plan / got - 1:+.2%})")
+        assert abs(plan / got - 1) <= 0.10, (name, plan, got)
