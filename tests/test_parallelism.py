@@ -69,17 +69,23 @@ def family_runs(request, tmp_path_factory):
     return out, request.param
 
 
+def differences(base: tuple[dict, dict, str], other: tuple[dict, dict, str]) -> tuple[float, float, str]:
+    """(max per-step loss difference, max relative step-0 gradient difference, report line)."""
+    (base_losses, base_grads, _), (losses, grads, name) = base, other
+    loss_error = max(abs(losses[step] - base_losses[step]) for step in base_losses)
+    assert set(grads) == set(base_grads), (name, set(grads) ^ set(base_grads))
+    grad_error = max(((grads[k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in base_grads.items())
+    return loss_error, grad_error, f"{name}: max loss diff {loss_error:.2e}, max relative grad diff {grad_error:.2e}"
+
+
 def test_every_layout_matches_one_process(family_runs):
     out, family = family_runs
-    base_losses, base_grads, _ = load_run(out, family, (1, 1, 1))
-    assert sorted(base_losses) == list(range(1, 9))
+    base = load_run(out, family, (1, 1, 1))
+    assert sorted(base[0]) == list(range(1, 9))
     report = []
     for layout in LAYOUTS + [SHARED_MEMORY_LAYOUT]:
-        losses, grads, name = load_run(out, family, layout)
-        loss_error = max(abs(losses[step] - base_losses[step]) for step in base_losses)
-        assert set(grads) == set(base_grads), (name, set(grads) ^ set(base_grads))
-        grad_error = max(((grads[k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in base_grads.items())
-        report.append(f"{name}: max loss diff {loss_error:.2e}, max relative grad diff {grad_error:.2e}")
+        loss_error, grad_error, line = differences(base, load_run(out, family, layout))
+        report.append(line)
         assert loss_error <= 1e-4, report[-1]
         assert grad_error <= 1e-5, report[-1]
     print("\n".join(report))
@@ -104,13 +110,11 @@ def test_variants_match_their_plain_layout(family_runs):
         pytest.skip(f"no variant layouts for {family}")
     report = []
     for tensor, pipeline, zero, variant in VARIANT_LAYOUTS[family]:
-        base_losses, base_grads, _ = load_run(out, family, (tensor, pipeline, zero))
-        losses, grads, name = load_run(out, family, (tensor, pipeline, zero, variant))
-        assert sorted(losses) == sorted(base_losses) == list(range(1, 9)), name
-        loss_error = max(abs(losses[step] - base_losses[step]) for step in base_losses)
-        assert set(grads) == set(base_grads), (name, set(grads) ^ set(base_grads))
-        grad_error = max(((grads[k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in base_grads.items())
-        report.append(f"{name}: max loss diff {loss_error:.2e}, max relative grad diff {grad_error:.2e}")
+        base = load_run(out, family, (tensor, pipeline, zero))
+        run = load_run(out, family, (tensor, pipeline, zero, variant))
+        assert sorted(run[0]) == sorted(base[0]) == list(range(1, 9)), run[2]
+        loss_error, grad_error, line = differences(base, run)
+        report.append(line)
         assert loss_error <= 1e-5, report[-1]
         assert grad_error <= 1e-5, report[-1]
         if variant.startswith("recompute"):

@@ -99,6 +99,7 @@ def test_impossible_recompute_settings_are_clear_errors(overrides, message):
     assert message in str(info.value) and "fix: set model.recompute" in str(info.value)
 
 
+@pytest.mark.slow
 def test_memory_plan_matches_saved_activations_at_tensor_2(tmp_path):
     """The same measuring inside a 2-rank torchrun job (tensor-parallel layers, vocab-parallel loss):
     the plan's per-rank bytes within 10% for every family and mode."""
@@ -120,3 +121,14 @@ def test_memory_plan_matches_saved_activations_at_tensor_2(tmp_path):
         plan = planned(config(family, mode, "parallelism.tensor=2", "launcher.nproc_per_node=2"), VOCAB, device="cpu")
         print(f"tp2 {family} {mode}: plan {plan:,.0f} B, measured {got:,} B ({plan / got - 1:+.2%})")
         assert abs(plan / got - 1) <= 0.10, (name, plan, got)
+
+
+@pytest.mark.slow
+def test_training_with_recompute_and_zero3_matches_without(train):
+    """Through the real CLI and trainer, ZeRO-3 (parameters gathered again for the rerun) and
+    dropout on: full recompute trains with the same per-step losses."""
+    common = ["parallelism.zero_stage=3", "model.dropout=0.1", "training.train_steps=3", "logging.log_interval=1"]
+    plain = train(*common, name="plain").losses()
+    full = train(*common, "model.recompute=full", name="full").losses()
+    assert sorted(plain) == sorted(full) == [1, 2, 3]
+    assert max(abs(plain[step] - full[step]) for step in plain) <= 1e-5, (plain, full)
