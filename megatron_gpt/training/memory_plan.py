@@ -6,7 +6,9 @@ assumes stored s x s scores, GELU and a sequential block; ours differs in that:
 
 - attention runs in a fused kernel (flash-attn, or SDPA's flash kernel on CPU and GPU) that never
   stores the s x s scores or their dropout mask: it keeps q, k, v, its output and one fp32
-  log-sum-exp per query head and token;
+  log-sum-exp per query head and token (not modelled: on CPU with model.dropout > 0 SDPA falls
+  back to its math path, which keeps three fp32 [s, s] tensors per head, 12 a s / t bytes per
+  token; there selective recompute saves those);
 - v (and, without rotary, k, and q when each kv head has one query head) is a view of the fused
   QKV output, so that whole output stays alive; rotary makes new q and k tensors, and so does the
   reshape of q under grouped-query attention;
