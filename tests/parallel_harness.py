@@ -12,6 +12,7 @@ FAMILY-tpT-ppP-zZ-VARIANT, beside the plain layout's it is compared with.
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -89,12 +90,21 @@ def full_gradients(engine, model) -> dict[str, torch.Tensor]:
     return grads
 
 
+def record_recompute(layout_dir: Path, stage: int, counts) -> None:
+    """recompute.json: per rank, its pipeline stage and how many block chunks / attention cores it
+    checkpointed and reran (training.recompute.COUNTS), so a test sees that recompute really ran."""
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, {"stage": stage, **counts})
+    if dist.get_rank() == 0:
+        (layout_dir / "recompute.json").write_text(json.dumps(ranks))
+
+
 def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, world: int,
                variant: str | None = None) -> None:
     from megatron.core import parallel_state
 
     from megatron_gpt.config import load_config
-    from megatron_gpt.training import gradients
+    from megatron_gpt.training import gradients, recompute
     from megatron_gpt.training.trainer import Trainer
 
     layout_dir = out / layout_name(family, tensor, pipeline, zero, variant)
@@ -106,6 +116,7 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
     ]
     cfg = load_config([str(REPO / "tests" / "configs" / "tiny.yml")], overrides + family_data(out, family),
                       world_size=world)
+    recompute.COUNTS.clear()
     trainer = Trainer(cfg)
     engine = trainer.engine
     if dist.get_rank() == 0:  # which code all-reduced the gradients (tests assert the intended one ran)
@@ -136,6 +147,7 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
         trainer.run()
     finally:
         gradients.clip_gradients = clip
+    record_recompute(layout_dir, trainer.topo.pipeline_rank, recompute.COUNTS)
     trainer = engine = take_step = None  # closures hold these cells: free the model before the next layout
     gc.collect()
     dist.barrier()

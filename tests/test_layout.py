@@ -60,3 +60,40 @@ def test_bad_layouts_are_clear_errors(overrides, world, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and ("tiny.yml" in err or "--set" in err), err
+
+
+def test_layout_adds_activations_and_ends_with_a_verdict(capsys):
+    from megatron_gpt.training.memory_plan import stage_activations
+
+    overrides = ["parallelism.pipeline=2", "training.global_batch_size=16", "training.precision=bf16"]
+    args = ["layout", TINY, "--world-size", "4", "--vocab-size", "2000"] + [a for o in overrides for a in ("--set", o)]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1].split()
+    assert "activ" in header and lines[-1].startswith("fits: ") and "largest term: " in lines[-1], lines[-1]
+    rows = {int(r.split()[0]): r.split() for r in lines if r.split() and r.split()[0].isdigit()}
+    cfg = load_config([TINY], overrides, world_size=4)
+    # 1F1B: the first stage holds pipeline (2) micro-batches of its block and ids, the last one its
+    # block, final norm and logits; gradient accumulation is 16 / (4 x 2) = 4 micro-batches.
+    first = stage_activations(cfg, 2048, 1, True, False, 0, 4)
+    last = stage_activations(cfg, 2048, 1, False, True, 1, 4)
+    assert (first.in_flight, last.in_flight) == (2, 1)
+    assert float(rows[0][-2]) == pytest.approx(first.total / 2**20, abs=0.06)
+    assert float(rows[2][-2]) == pytest.approx(last.total / 2**20, abs=0.06)
+    assert main(args + ["--gpu-memory", "1MiB"]) == 0
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    assert last_line.startswith("does not fit: ") and "of 1.0 MiB per GPU" in last_line, last_line
+    assert "too much; largest term: " in last_line
+
+
+def test_gpu_memory_sizes(capsys):
+    from megatron_gpt.training.memory_plan import parse_size
+
+    assert parse_size("80GB") == 80 * 10**9 and parse_size("40GiB") == 40 * 2**30
+    assert parse_size("141gb") == 141 * 10**9 and parse_size("1.5 TB") == 1.5 * 10**12
+    for bad in ("80", "80 GiBs", "lots"):
+        with pytest.raises(ValueError, match="e.g. 80GB"):
+            parse_size(bad)
+    with pytest.raises(SystemExit):
+        main(["layout", TINY, "--vocab-size", "2000", "--gpu-memory", "80"])
+    assert "argument --gpu-memory: memory size '80' is not a number with a unit" in capsys.readouterr().err

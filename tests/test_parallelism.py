@@ -27,6 +27,11 @@ LAYOUTS = [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (2, 1, 2), (2, 1, 3), (1,
 # through DeepSpeed's shared-memory all-reduce (megatron_gpt/parallel/cpu/shared_memory.py), not the engine.
 SHARED_MEMORY_LAYOUT = (1, 1, 0)
 FAMILIES = ["llama", "neox", "neox-sft-docmask"]
+# Features that must not change the numbers (parallel_harness.VARIANTS), each run beside the plain
+# layout it is compared with, inside the same 4-rank job.
+RECOMPUTE_LAYOUTS = [(t, p, 1, variant) for t, p in [(2, 1), (1, 2), (2, 2)]
+                     for variant in ("recompute-full", "recompute-selective")]
+VARIANT_LAYOUTS = {"neox": RECOMPUTE_LAYOUTS, "llama": RECOMPUTE_LAYOUTS}
 
 
 def run_harness(out: Path, family: str, nproc: int, layouts: list[tuple[int, int, int]]) -> str:
@@ -56,7 +61,7 @@ def load_run(out: Path, family: str, layout: tuple) -> tuple[dict, dict, str]:
 def family_runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"layouts-{request.param}")
     run_harness(out, request.param, 1, [(1, 1, 1)])
-    run_harness(out, request.param, 4, LAYOUTS)
+    run_harness(out, request.param, 4, LAYOUTS + VARIANT_LAYOUTS.get(request.param, []))
     before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     run_harness(out, request.param, 2, [SHARED_MEMORY_LAYOUT])
     left = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before
@@ -64,17 +69,23 @@ def family_runs(request, tmp_path_factory):
     return out, request.param
 
 
+def differences(base: tuple[dict, dict, str], other: tuple[dict, dict, str]) -> tuple[float, float, str]:
+    """(max per-step loss difference, max relative step-0 gradient difference, report line)."""
+    (base_losses, base_grads, _), (losses, grads, name) = base, other
+    loss_error = max(abs(losses[step] - base_losses[step]) for step in base_losses)
+    assert set(grads) == set(base_grads), (name, set(grads) ^ set(base_grads))
+    grad_error = max(((grads[k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in base_grads.items())
+    return loss_error, grad_error, f"{name}: max loss diff {loss_error:.2e}, max relative grad diff {grad_error:.2e}"
+
+
 def test_every_layout_matches_one_process(family_runs):
     out, family = family_runs
-    base_losses, base_grads, _ = load_run(out, family, (1, 1, 1))
-    assert sorted(base_losses) == list(range(1, 9))
+    base = load_run(out, family, (1, 1, 1))
+    assert sorted(base[0]) == list(range(1, 9))
     report = []
     for layout in LAYOUTS + [SHARED_MEMORY_LAYOUT]:
-        losses, grads, name = load_run(out, family, layout)
-        loss_error = max(abs(losses[step] - base_losses[step]) for step in base_losses)
-        assert set(grads) == set(base_grads), (name, set(grads) ^ set(base_grads))
-        grad_error = max(((grads[k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in base_grads.items())
-        report.append(f"{name}: max loss diff {loss_error:.2e}, max relative grad diff {grad_error:.2e}")
+        loss_error, grad_error, line = differences(base, load_run(out, family, layout))
+        report.append(line)
         assert loss_error <= 1e-4, report[-1]
         assert grad_error <= 1e-5, report[-1]
     print("\n".join(report))
@@ -88,3 +99,40 @@ def test_two_local_ranks_all_reduce_through_shared_memory(family_runs):
     used = (out / f"{family}-tp{tensor}-pp{pipeline}-z{zero}" / "gradient-sync.txt").read_text()
     assert used == "shared memory"
     assert (out / f"{family}-tp1-pp1-z1" / "gradient-sync.txt").read_text() == "engine"  # ZeRO-1: DeepSpeed's
+
+
+def test_variants_match_their_plain_layout(family_runs):
+    """recompute (full: 2 blocks per chunk; selective: the attention core): the same per-step losses
+    (1e-5) and step-0 gradients (1e-5 relative) as the layout without it, and every rank really
+    checkpointed and reran what it should, once per micro-batch (training.recompute.COUNTS)."""
+    out, family = family_runs
+    if family not in VARIANT_LAYOUTS:
+        pytest.skip(f"no variant layouts for {family}")
+    report = []
+    for tensor, pipeline, zero, variant in VARIANT_LAYOUTS[family]:
+        base = load_run(out, family, (tensor, pipeline, zero))
+        run = load_run(out, family, (tensor, pipeline, zero, variant))
+        assert sorted(run[0]) == sorted(base[0]) == list(range(1, 9)), run[2]
+        loss_error, grad_error, line = differences(base, run)
+        report.append(line)
+        assert loss_error <= 1e-5, report[-1]
+        assert grad_error <= 1e-5, report[-1]
+        if variant.startswith("recompute"):
+            check_recompute_counts(out, family, tensor, pipeline, zero, variant)
+    print("\n".join(report))
+
+
+def check_recompute_counts(out: Path, family: str, tensor: int, pipeline: int, zero: int, variant: str) -> None:
+    """Training micro-batches x (chunks or attention cores on the rank's stage) were checkpointed
+    and recomputed on every rank; the plain layout recomputed nothing."""
+    blocks_per_stage = 2 // pipeline  # tests/configs/tiny.yml has 2 blocks; stages split them evenly
+    micro_batches = 8 * 8 // (2 * (4 // (tensor * pipeline)))  # steps x global batch / (micro x data ranks)
+    kind, per_micro_batch = (("block chunk", -(-blocks_per_stage // 2)) if variant == "recompute-full"
+                             else ("attention core", blocks_per_stage))  # recompute_num_layers=2
+    ranks = json.loads((out / layout_name(family, tensor, pipeline, zero, variant) / "recompute.json").read_text())
+    for rank, counts in enumerate(ranks):
+        expected = micro_batches * per_micro_batch
+        assert counts.get(f"{kind} checkpointed") == expected, (variant, rank, counts, expected)
+        assert counts.get(f"{kind} recomputed") == expected, (variant, rank, counts, expected)
+    plain = json.loads((out / layout_name(family, tensor, pipeline, zero) / "recompute.json").read_text())
+    assert all(set(counts) == {"stage"} for counts in plain), plain

@@ -18,11 +18,20 @@ def _layout(args: argparse.Namespace) -> int:
 
             vocab = build_tokenizer(cfg.tokenizer).vocab_size
         world = args.world_size or cfg.world_size
-        print(layout_report(cfg, world, padded_vocab_size(vocab, cfg))[0])
+        print(layout_report(cfg, world, padded_vocab_size(vocab, cfg), args.gpu_memory)[0])
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _size(text: str) -> int:
+    from megatron_gpt.training.memory_plan import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def register(subparsers) -> None:
@@ -32,4 +41,6 @@ def register(subparsers) -> None:
     parser.add_argument("--world-size", type=int, default=None, help="ranks (default: launcher nodes x procs)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="tokenizer vocabulary (default: read from the config's tokenizer)")
+    parser.add_argument("--gpu-memory", type=_size, default="80GB", metavar="SIZE",
+                        help="memory of one GPU for the verdict, e.g. 80GB, 40GiB, 141GB (default: 80GB)")
     parser.set_defaults(func=_layout)

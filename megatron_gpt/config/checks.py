@@ -97,6 +97,20 @@ def _check_model(c: _Checks) -> None:
                    f"{dims:g} rotary dims; rotary needs a positive even number", fix)
 
 
+def _check_recompute(c: _Checks) -> None:
+    m = c.cfg.model
+    if m.recompute != "full" and m.recompute_num_layers != 1:
+        c.fail(c.blame("model.recompute_num_layers", "model.recompute"),
+               f"model.recompute_num_layers {m.recompute_num_layers} applies only to full recompute, "
+               f"but {c.ref('model.recompute')}",
+               "set model.recompute: full, or drop model.recompute_num_layers (as Megatron, chunks of "
+               "blocks exist only in full recompute)")
+    elif m.recompute_num_layers > m.num_layers:
+        c.fail("model.recompute_num_layers",
+               f"{m.recompute_num_layers} blocks per chunk is more than {c.ref('model.num_layers')}",
+               f"set model.recompute_num_layers to at most {m.num_layers}")
+
+
 def _check_layout(c: _Checks, world_size: int | None) -> None:
     """World size vs tensor x pipeline, and the three batch sizes (shared with batch_layout)."""
     cfg = c.cfg
@@ -273,6 +287,7 @@ def validate(cfg: Config, world_size: int | None = None, origins: Mapping[str, s
     """
     c = _Checks(cfg, origins)
     _check_model(c)
+    _check_recompute(c)
     _check_layout(c, world_size)
     _check_optim(c)
     _check_data(c)

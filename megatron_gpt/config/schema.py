@@ -61,11 +61,15 @@ class ModelConfig(Section):
     """auto: flash-attn when installed and on GPU, else torch SDPA; flash: require flash-attn."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute: none stores every activation for the backward pass; selective recomputes
-    the attention core (scores, softmax, dropout) as Megatron does; full stores only each chunk's
-    input and reruns its blocks in the backward pass (GPT-NeoX: checkpoint_activations)."""
+    the attention core (scores, softmax, dropout) as Megatron does (with fused attention kernels,
+    which never store the scores, that saves only the softmax statistics); full stores only each
+    chunk's input and reruns its blocks in the backward pass (GPT-NeoX: checkpoint_activations).
+    Dropout masks are the same in the rerun (RNG state preserved). `megatron-gpt layout` shows the
+    activation memory of each mode."""
     recompute_num_layers: int = Field(1, ge=1)
-    """recompute=full: transformer blocks per recomputed chunk (Megatron's uniform method); one
-    stored input per chunk, the chunk's activations live only while its backward runs."""
+    """recompute=full: transformer blocks per recomputed chunk (Megatron's uniform method, counted
+    from each pipeline stage's first block); one stored input per chunk, the chunk's activations
+    live only while its backward runs. At most model.num_layers; other recompute modes leave it 1."""
 
 
 class ParallelismConfig(Section):

@@ -171,6 +171,9 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(dict.fromkeys(layers))
         self._calls = [(layers[i], spec.method) for i, spec in enumerate(self.specs)]
         self.vocab_size = vocab_size
+        # Set from outside (training.recompute): callables that replace the layer calls of a
+        # forward without a cache, e.g. blocks grouped into recomputed chunks.
+        self.runs: list | None = None
 
     def canonical_names(self) -> dict[str, str]:
         """Parameter name -> layout-independent name (model.names.canonical_prefix of the first
@@ -187,6 +190,10 @@ class GPT(nn.Module):
         `tokens` may be (tokens, positions) for packed documents that attend only within
         themselves (data.document_masking)."""
         hidden = tokens
+        if cache is None and self.runs is not None:
+            for run in self.runs:
+                hidden = run(hidden)
+            return hidden
         for module, method in self._calls:
             if cache is not None and method == "forward" and isinstance(module, (Embedding, Block)):
                 hidden = module(hidden, cache)

@@ -11,6 +11,7 @@ from megatron_gpt.config.schema import Config
 from megatron_gpt.parallel.groups import Topology
 from megatron_gpt.parallel.mpu import DeepSpeedMPU
 from megatron_gpt.model import GPT, layer_specs, masked_mean, parallel_config, token_losses
+from megatron_gpt.training.recompute import apply_recompute, pipeline_module_class
 from megatron_gpt.training.schedule import lr_multiplier
 
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform", "layers": "type:Block"}
@@ -62,7 +63,6 @@ def _call_method(method: str):
 
 
 def pipeline_module(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: int | None = None) -> nn.Module:
-    from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     from megatron_gpt.model.gpt import spec_seed
@@ -82,16 +82,18 @@ def pipeline_module(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: i
             spec_seed(cfg.training.seed, seed_position), spec.tie_key, spec.cls, *spec.args,
             forward_fn=_call_method(spec.method), tied_weight_attr=["word.weight"]))
     topology = PipeModelDataParallelTopology(num_pp=topo.pipeline, num_mp=topo.tensor, num_dp=topo.data)
-    return PipelineModule(layers=stages, loss_fn=PipelineLoss(topo.tensor), topology=topology,
-                          partition_method=PARTITION_METHODS[cfg.parallelism.partition_method],
-                          activation_checkpoint_interval=0)
+    module = pipeline_module_class(cfg.model)(
+        layers=stages, loss_fn=PipelineLoss(topo.tensor), topology=topology,
+        partition_method=PARTITION_METHODS[cfg.parallelism.partition_method],
+        activation_checkpoint_interval=0)  # recompute is applied by training.recompute
+    return apply_recompute(module, cfg.model)
 
 
 def build_model(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: int | None = None) -> nn.Module:
     """`vocab_size` rows (padded); logits of ids from `vocab_limit` (the tokenizer's size) on are hidden."""
     if topo.pipeline == 1:
-        return GPT(cfg.model, vocab_size, parallel_config(topo.tensor, 1), seed=cfg.training.seed,
-                   vocab_limit=vocab_limit)
+        return apply_recompute(GPT(cfg.model, vocab_size, parallel_config(topo.tensor, 1), seed=cfg.training.seed,
+                                   vocab_limit=vocab_limit), cfg.model)
     return pipeline_module(cfg, vocab_size, topo, vocab_limit)
 
 

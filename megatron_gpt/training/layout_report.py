@@ -1,5 +1,6 @@
 """`megatron-gpt layout`: where every rank sits, which layers it holds, and what it costs in
-memory — computed from the config alone, no process started.
+memory (parameters, gradients, optimizer states and activations, training.memory_plan) —
+computed from the config alone, no process started — and whether the largest rank fits a GPU.
 
 Parameter counts are exact per tensor-parallel shard (the same numbers DeepSpeed's pipeline
 partitioner sees), stages come from DeepSpeed's own partition functions, and rank order is
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_gpt.config.derive import engine_zero_stage
+from megatron_gpt.config.derive import batch_layout, engine_zero_stage
 from megatron_gpt.config.dims import ParallelDims
 from megatron_gpt.config.schema import Config, ModelConfig
 from megatron_gpt.model.names import BLOCK, EMBEDDING, FINAL_NORM, OUTPUT, spec_order
+from megatron_gpt.training.memory_plan import StageActivations, stage_activations, verdict
 
 MIB = 2**20
 
@@ -88,8 +90,26 @@ def describe(counts: list[LayerCount], start: int, stop: int) -> str:
     return f"{start}-{stop - 1} ({', '.join(parts)})"
 
 
-def layout_report(cfg: Config, world_size: int, vocab_size: int) -> tuple[str, int]:
-    """The printed table and the total of unique parameters over all ranks of one replica."""
+def activation_terms(acts: StageActivations) -> dict[str, float]:
+    """A rank's activation bytes by term (held micro-batches included), for the verdict."""
+    held = acts.in_flight
+    return {f"block activations ({held} micro-batch{'es' if held > 1 else ''} in flight)": acts.blocks * held,
+            "logits and loss": acts.head * held, "token ids": acts.embedding * held,
+            "pipeline output buffers": acts.pipeline_output * held, "recompute working set": acts.working_set}
+
+
+def activation_line(cfg: Config, rank: int, acts: StageActivations) -> str:
+    m, t = cfg.model, cfg.training
+    return (f"activations of rank {rank} (micro batch {t.micro_batch_size} x {m.seq_length} tokens, recompute "
+            f"{m.recompute}, sequence parallel {str(cfg.parallelism.sequence_parallel).lower()}): blocks "
+            f"{acts.blocks / MIB:,.1f} + logits/loss {acts.head / MIB:,.1f} + ids {acts.embedding / MIB:,.1f} "
+            f"+ pipeline output {acts.pipeline_output / MIB:,.1f} MiB per micro-batch x {acts.in_flight} in flight"
+            f" + recompute working set {acts.working_set / MIB:,.1f} MiB = {acts.total / MIB:,.1f} MiB")
+
+
+def layout_report(cfg: Config, world_size: int, vocab_size: int, gpu_memory: int = 80 * 10**9) -> tuple[str, int]:
+    """The printed table and the total of unique parameters over all ranks of one replica. The last
+    line is the verdict for the rank that needs the most memory against `gpu_memory` bytes."""
     tp, pp = cfg.parallelism.tensor, cfg.parallelism.pipeline
     dims = ParallelDims(world_size, tp, pp)
     dp = dims.data
@@ -106,8 +126,11 @@ def layout_report(cfg: Config, world_size: int, vocab_size: int) -> tuple[str, i
     lines = [f"world {world_size} = tensor {tp} x pipeline {pp} x data {dp}, {zero}, "
              f"{cfg.training.precision}, vocab {vocab_size} (padded), partition by {cfg.parallelism.partition_method}",
              f"{'rank':>5} {'tp':>3} {'pp':>3} {'dp':>3}  {'layers':<34} {'params':>12} {'unique':>12} "
-             f"{'param MiB':>10} {'grad MiB':>9} {'optim MiB':>10} {'total MiB':>10}"]
+             f"{'param MiB':>10} {'grad MiB':>9} {'optim MiB':>10} {'activ MiB':>10} {'total MiB':>10}"]
     unique_total = 0
+    micro_batches = batch_layout(cfg, world_size).gradient_accumulation_steps
+    device = "cpu" if cfg.training.device == "cpu" else "cuda"
+    worst: tuple[float, int, dict[str, float], StageActivations] | None = None
     for rank in range(world_size):
         tp_rank, dp_rank, pp_rank = dims.coordinates(rank)
         start, stop = bounds[pp_rank], bounds[pp_rank + 1]
@@ -124,8 +147,18 @@ def layout_report(cfg: Config, world_size: int, vocab_size: int) -> tuple[str, i
         if dp_rank == 0:
             unique_total += unique
         weights, grads, optimizer = memory_mib(held, cfg, dp)
+        acts = stage_activations(cfg, vocab_size, sum(c.name == "Block" for c in counts[start:stop]), pp_rank == 0,
+                                 pp_rank == pp - 1, pp_rank, micro_batches, device)
+        total = weights + grads + optimizer + acts.total / MIB
         lines.append(f"{rank:>5} {tp_rank:>3} {pp_rank:>3} {dp_rank:>3}  {describe(counts, start, stop):<34} "
                      f"{held:>12,} {unique:>12,} {weights:>10.1f} {grads:>9.1f} {optimizer:>10.1f} "
-                     f"{weights + grads + optimizer:>10.1f}")
+                     f"{acts.total / MIB:>10.1f} {total:>10.1f}")
+        if worst is None or total > worst[0]:
+            terms = {"parameters": weights * MIB, "gradients": grads * MIB, "optimizer states": optimizer * MIB,
+                     **activation_terms(acts)}
+            worst = (total, rank, terms, acts)
     lines.append(f"unique parameters in one replica: {unique_total:,}")
+    _, rank, terms, acts = worst
+    lines.append(activation_line(cfg, rank, acts))
+    lines.append(verdict(terms, gpu_memory, rank))
     return "\n".join(lines), unique_total
