@@ -2,10 +2,12 @@
 # One-GPU benchmark: GPT-3-shaped 125M / 350M / 1.3B models (2048 tokens, GPT-2's padded
 # vocabulary of 50,304) trained by the full stack (DeepSpeed engine, ZeRO-1, our data path) in
 # bf16 with SDPA attention (flash-attn's kernel when it is installed), printing tokens/s, model
-# TFLOP/s and MFU against the GPU's dense bf16 peak, with a bf16 matmul measured beside it.
+# TFLOP/s and MFU against the GPU's dense bf16 peak, with a bf16 matmul measured beside it; then
+# each model.recompute mode's peak memory against the memory plan (bench/memory.py).
 #
 #   bash bench/gpu.sh                       # all three sizes
 #   SIZES=125m bash bench/gpu.sh            # one size; PYTHON=..., EXTRA="--windows 3" also work
+#   MEMORY_SIZES=125m bash bench/gpu.sh     # sizes of the recompute/memory-plan part (default 125m,1.3b)
 #
 # Needs a Python with a CUDA build of torch and this package's dependencies (pip install -e .);
 # nothing is downloaded at run time (the corpus is the embedded one, prepared into the cache).
@@ -27,4 +29,6 @@ print(f'gpu: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version_
 "$PYTHON" -c "import flash_attn" 2>/dev/null && echo "attention: flash-attn" >&2 || echo "attention: torch SDPA" >&2
 export DS_ACCELERATOR=cuda PYTHONWARNINGS=ignore
 # shellcheck disable=SC2086
-exec "$PYTHON" bench/mfu.py --device cuda --precision bf16 --sizes "$SIZES" ${EXTRA:-}
+"$PYTHON" bench/mfu.py --device cuda --precision bf16 --sizes "$SIZES" ${EXTRA:-}
+# Peak memory of each recompute mode against `megatron-gpt layout`'s plan, and what each costs in tokens/s.
+exec "$PYTHON" bench/memory.py --precision bf16 --sizes "${MEMORY_SIZES:-125m,1.3b}"

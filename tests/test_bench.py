@@ -65,3 +65,13 @@ def test_gpu_script_is_valid_and_says_when_there_is_no_gpu():
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 2 and "no CUDA-enabled torch or sees no GPU" in done.stderr, done.stderr
+
+
+def test_memory_bench_says_when_there_is_no_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run bench/memory.py itself")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "memory.py"), "--sizes", "125m"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "needs a CUDA device" in done.stderr, done.stderr
