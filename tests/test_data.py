@@ -587,3 +587,18 @@ def test_files_are_byte_identical_to_megatron_cores_writer(tmp_path, tokenizers,
     builder.finalize(str(tmp_path / "theirs.idx"))
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"theirs{ext}").read_bytes(), ext
+
+
+@pytest.mark.parametrize("eod", ["<|end_of_text|>", "</s>"])
+def test_hf_tokenizer_without_endoftext_ends_documents_with_its_own_eod(tmp_path, eod):
+    """Llama 3's tokenizer.json has <|end_of_text|> (no <|endoftext|>); Llama 2's and Mistral's </s>."""
+    from tokenizers import Tokenizer as HFTok, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["to be or not to be"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", eod], show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    built = build_tokenizer(TokenizerConfig(type="hf", path=str(tmp_path / "tokenizer.json")))
+    assert built.eod == tok.token_to_id(eod) == 1
+    assert 1 not in built.encode(f"a literal {eod} inside a document stays text")

@@ -26,6 +26,9 @@ __all__ = ["BYTE_TO_UNICODE", "EOD_TOKEN", "TOKENIZER_TYPES", "Tokenizer", "buil
 
 TOKENIZER_TYPES = ("embedded", "hf", "gpt2bpe", "tiktoken", "sentencepiece", "bytes")
 PAD_TOKENS = ("<|padding|>", "<pad>", "[PAD]")
+# The end-of-document token of a tokenizer.json, the first one it has: GPT-2/NeoX/ours, then
+# Llama 3's end of text (it has no <|endoftext|>), then the SentencePiece-style eos (Llama 2, Mistral).
+HF_EOD_TOKENS = (EOD_TOKEN, "<|end_of_text|>", "</s>")
 EMBEDDED_TOKENIZER_PATH = Path(__file__).with_name("assets") / "shakespeare-bpe.json"
 
 
@@ -111,10 +114,11 @@ class HFTokenizer(Tokenizer):
         self._sha256 = file_sha256(self.path)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
-        eod = self._tok.token_to_id(EOD_TOKEN)
+        eod = next((i for t in HF_EOD_TOKENS if (i := self._tok.token_to_id(t)) is not None), None)
         if eod is None:
             raise DataError(
-                f"{self.path}: the tokenizer has no {EOD_TOKEN} token, which marks document ends; "
+                f"{self.path}: the tokenizer has no {EOD_TOKEN} token (nor {' or '.join(HF_EOD_TOKENS[1:])}), "
+                "which marks document ends; "
                 f"fix: add {EOD_TOKEN} as a special token (e.g. train it with megatron-gpt train-tokenizer)"
             )
         self.eod = eod
