@@ -265,8 +265,8 @@ def _check_two_steps(recipe: str, run_dir: Path, vocab: int) -> dict[int, float]
 
 
 def test_each_family_trains_two_steps_at_a_reduced_size(tmp_path, data_cache):
-    """gpt2/124m, pythia/1b, neox-20b, llama2-70b (GQA) under one torchrun; llama3-8b through the CLI
-    with a data file, as a user runs it."""
+    """gpt2/124m, pythia/1b, neox-20b, llama2-70b (GQA) under one torchrun (tensor 1); llama3-8b
+    through the CLI with a data file, as a user runs it, at its own tensor 2 + sequence parallel."""
     from megatron_gpt.data.tokenizer import build_tokenizer
     from megatron_gpt.config.schema import TokenizerConfig
 
@@ -286,16 +286,18 @@ def test_each_family_trains_two_steps_at_a_reduced_size(tmp_path, data_cache):
         _check_two_steps(recipe, tmp_path / recipe.replace("/", "-").removesuffix(".yml"), vocab)
 
     # Llama 3 through `megatron-gpt train RECIPE my-data.yml --set ...` (its tokenizer.json ends
-    # documents with <|end_of_text|>).
+    # documents with <|end_of_text|>), in the recipe's own layout: tensor 2 with sequence parallelism.
     recipe = "llama/llama3-8b.yml"
+    own_layout = ["parallelism.tensor=2", "parallelism.sequence_parallel=true", "launcher.nproc_per_node=2"]
     (tmp_path / "my-data.yml").write_text(yaml.safe_dump({
         "data": {"embedded": "shakespeare", "split": "90,10,0", "cache_dir": str(data_cache)},
         "tokenizer": {"path": tokenizers["llama3"]["path"]}, "logging": {"run_dir": str(tmp_path / "llama3")}}))
     command = [sys.executable, "-m", "megatron_gpt", "train", str(CONFIGS / recipe), str(tmp_path / "my-data.yml"),
-               *[a for o in _reduced(recipe) for a in ("--set", o)]]
+               *[a for o in [*_reduced(recipe), *own_layout] for a in ("--set", o)]]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert "world 2 (tp 2 x pp 1 x dp 1)" in done.stdout + done.stderr, "the run did not keep tensor 2"
     llama3 = build_tokenizer(TokenizerConfig(**tokenizers["llama3"]))
     assert llama3.eod == llama3._tok.token_to_id("<|end_of_text|>")
     _check_two_steps(recipe, tmp_path / "llama3", llama3.vocab_size)
