@@ -275,3 +275,23 @@ def test_gpt2bpe_tokenizer_files(tmp_path):
     assert "tokenizer.json" in write_tokenizer(ours, cfg, tmp_path)
     theirs = AutoTokenizer.from_pretrained(tmp_path)
     assert theirs(TEXT)["input_ids"] == ours.encode(TEXT) and theirs.eos_token_id == ours.eod == 50256
+
+
+def test_hf_tokenizer_files_keep_the_tokenizers_own_end_of_document(tmp_path):
+    """A Llama 3 tokenizer.json (no <|endoftext|>) is exported with its <|end_of_text|> as bos/eos,
+    not a new token."""
+    from transformers import AutoTokenizer
+
+    from megatron_gpt.config.schema import Config
+    from megatron_gpt.convert.hf import write_tokenizer
+    from megatron_gpt.data.tokenizer import build_tokenizer
+    from test_recipes import llama3_style_tokenizer
+
+    llama3_style_tokenizer([TEXT] * 4, 400, tmp_path / "llama3.json")
+    cfg = Config.model_validate({"tokenizer": {"type": "hf", "path": str(tmp_path / "llama3.json")}})
+    ours = build_tokenizer(cfg.tokenizer)
+    (tmp_path / "out").mkdir()
+    write_tokenizer(ours, cfg, tmp_path / "out")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert theirs.eos_token == theirs.bos_token == "<|end_of_text|>" and theirs.eos_token_id == ours.eod == 1
+    assert len(theirs) == ours.vocab_size and theirs(TEXT, add_special_tokens=False)["input_ids"] == ours.encode(TEXT)

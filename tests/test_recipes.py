@@ -210,12 +210,25 @@ LLAMA_REDUCED = ["model.ffn_hidden_size=160"]
 GQA_REDUCED = ["model.num_kv_heads=2"]
 
 
+def llama3_style_tokenizer(texts: list[str], vocab_size: int, path: Path) -> None:
+    """A byte-level BPE tokenizer.json with Llama 3's special tokens: <|begin_of_text|> (id 0),
+    <|end_of_text|> (id 1), and no <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+
+
 def _tokenizers(tmp: Path) -> dict[str, dict]:
     """Small tokenizers of each recipe's type, trained offline on a slice of the bundled corpus."""
     import lzma
 
     import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from megatron_gpt.data.embedded import embedded_corpus_path
     from megatron_gpt.data.tokenizer import EMBEDDED_TOKENIZER_PATH
@@ -224,13 +237,7 @@ def _tokenizers(tmp: Path) -> dict[str, dict]:
     lines = [line for d in docs[:4] for line in d[:40_000].splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp / "llama2"), vocab_size=600,
                                    model_type="bpe", byte_fallback=True, minloglevel=2, num_threads=1)
-    llama3 = Tokenizer(models.BPE())  # Llama 3's special tokens: <|end_of_text|>, no <|endoftext|>
-    llama3.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    llama3.decoder = decoders.ByteLevel()
-    llama3.train_from_iterator(lines, trainers.BpeTrainer(
-        vocab_size=700, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    llama3.save(str(tmp / "llama3.json"))
+    llama3_style_tokenizer(lines, 700, tmp / "llama3.json")
     gpt2 = ({"type": "gpt2bpe", "vocab_file": str(SHARED_GPT2 / "encoder.json"),
              "merge_file": str(SHARED_GPT2 / "vocab.bpe")} if SHARED_GPT2.is_dir() else {"type": "embedded"})
     return {"gpt2bpe": gpt2, "hf": {"type": "hf", "path": str(EMBEDDED_TOKENIZER_PATH)},

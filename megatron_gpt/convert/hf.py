@@ -38,7 +38,6 @@ from megatron_gpt.model.names import Prefixes, fit_rows
 
 ADAPTERS: dict[str, Adapter] = {"neox": neox, "llama": llama, "gpt2": gpt2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-EOD_TOKEN = "<|endoftext|>"
 _IGNORED_HF_KEYS = re.compile(r"(rotary_emb\.inv_freq|attention\.(masked_)?bias|\.attn\.(masked_)?bias)$")
 """Buffers some HF versions save beside the weights; they are recomputed, not imported."""
 
@@ -158,7 +157,8 @@ def write_tokenizer(tokenizer: Any, cfg: Config, out: Path) -> list[str]:
     if kind in ("hf", "embedded"):
         from transformers import PreTrainedTokenizerFast
 
-        special = {"bos_token": EOD_TOKEN, "eos_token": EOD_TOKEN}
+        eod = tokenizer._tok.id_to_token(tokenizer.eod)  # <|endoftext|>, or Llama 3's <|end_of_text|>, or </s>
+        special = {"bos_token": eod, "eos_token": eod}
         if getattr(tokenizer, "pad", -1) >= 0:
             special["pad_token"] = tokenizer._tok.id_to_token(tokenizer.pad)
         hf_tok = PreTrainedTokenizerFast(tokenizer_file=tokenizer.path, model_max_length=cfg.model.seq_length,
