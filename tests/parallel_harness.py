@@ -12,6 +12,7 @@ FAMILY-tpT-ppP-zZ-VARIANT, beside the plain layout's it is compared with.
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -93,6 +94,7 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
                variant: str | None = None) -> None:
     from megatron.core import parallel_state
 
+    from activation_bytes_sp import block_input_shapes
     from megatron_gpt.config import load_config
     from megatron_gpt.training import gradients
     from megatron_gpt.training.trainer import Trainer
@@ -133,9 +135,12 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
     gradients.clip_gradients = capture_then_clip
     dist.barrier()
     try:
-        trainer.run()
+        with block_input_shapes() as shapes:  # proof of the layout the blocks really ran in
+            trainer.run()
     finally:
         gradients.clip_gradients = clip
+    if dist.get_rank() == 0:
+        (layout_dir / "block-input-shape.json").write_text(json.dumps(shapes[0] if shapes else None))
     trainer = engine = take_step = None  # closures hold these cells: free the model before the next layout
     gc.collect()
     dist.barrier()

@@ -27,6 +27,10 @@ LAYOUTS = [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (2, 1, 2), (2, 1, 3), (1,
 # through DeepSpeed's shared-memory all-reduce (megatron_gpt/parallel/cpu/shared_memory.py), not the engine.
 SHARED_MEMORY_LAYOUT = (1, 1, 0)
 FAMILIES = ["llama", "neox", "neox-sft-docmask"]
+# Variants (tests/parallel_harness.py VARIANTS) run in a family's 4-rank job, each compared with
+# the same layout without it. Sequence parallelism needs tensor > 1: tp 2 and tp 2 x pp 2.
+SEQUENCE_PARALLEL = [(2, 1, 1, "sequence-parallel"), (2, 2, 1, "sequence-parallel")]
+VARIANT_LAYOUTS = {"llama": SEQUENCE_PARALLEL, "neox": SEQUENCE_PARALLEL}
 
 
 def run_harness(out: Path, family: str, nproc: int, layouts: list[tuple[int, int, int]]) -> str:
@@ -56,12 +60,21 @@ def load_run(out: Path, family: str, layout: tuple) -> tuple[dict, dict, str]:
 def family_runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"layouts-{request.param}")
     run_harness(out, request.param, 1, [(1, 1, 1)])
-    run_harness(out, request.param, 4, LAYOUTS)
+    run_harness(out, request.param, 4, LAYOUTS + VARIANT_LAYOUTS.get(request.param, []))
     before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     run_harness(out, request.param, 2, [SHARED_MEMORY_LAYOUT])
     left = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before
     assert not left, f"shared-memory segments left behind: {sorted(left)}"
     return out, request.param
+
+
+def differences(base: tuple[dict, dict], run: tuple[dict, dict], name: str) -> tuple[float, float]:
+    """(max per-step loss difference, max relative gradient difference) of `run` against `base`."""
+    (base_losses, base_grads), (losses, grads) = base, run
+    loss_error = max(abs(losses[step] - base_losses[step]) for step in base_losses)
+    assert set(grads) == set(base_grads), (name, set(grads) ^ set(base_grads))
+    grad_error = max(((grads[k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in base_grads.items())
+    return loss_error, grad_error
 
 
 def test_every_layout_matches_one_process(family_runs):
@@ -71,9 +84,7 @@ def test_every_layout_matches_one_process(family_runs):
     report = []
     for layout in LAYOUTS + [SHARED_MEMORY_LAYOUT]:
         losses, grads, name = load_run(out, family, layout)
-        loss_error = max(abs(losses[step] - base_losses[step]) for step in base_losses)
-        assert set(grads) == set(base_grads), (name, set(grads) ^ set(base_grads))
-        grad_error = max(((grads[k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in base_grads.items())
+        loss_error, grad_error = differences((base_losses, base_grads), (losses, grads), name)
         report.append(f"{name}: max loss diff {loss_error:.2e}, max relative grad diff {grad_error:.2e}")
         assert loss_error <= 1e-4, report[-1]
         assert grad_error <= 1e-5, report[-1]
@@ -88,3 +99,27 @@ def test_two_local_ranks_all_reduce_through_shared_memory(family_runs):
     used = (out / f"{family}-tp{tensor}-pp{pipeline}-z{zero}" / "gradient-sync.txt").read_text()
     assert used == "shared memory"
     assert (out / f"{family}-tp1-pp1-z1" / "gradient-sync.txt").read_text() == "engine"  # ZeRO-1: DeepSpeed's
+
+
+def test_variants_match_the_same_layout_without_them(family_runs):
+    """Sequence parallelism: per-step losses within 1e-5 and step-0 gradients within 1e-5 relative
+    of the same layout without it, and the blocks really ran on [seq/tp, micro batch, hidden]."""
+    out, family = family_runs
+    if family not in VARIANT_LAYOUTS:
+        pytest.skip(f"no variant layouts run for {family}")
+    report = []
+    for *layout, variant in VARIANT_LAYOUTS[family]:
+        losses, grads, name = load_run(out, family, (*layout, variant))
+        plain_losses, plain_grads, plain_name = load_run(out, family, tuple(layout))
+        assert sorted(losses) == sorted(plain_losses) == list(range(1, 9)), name
+        loss_error, grad_error = differences((plain_losses, plain_grads), (losses, grads), name)
+        report.append(f"{name} vs {plain_name}: max loss diff {loss_error:.2e}, "
+                      f"max relative grad diff {grad_error:.2e}")
+        assert loss_error <= 1e-5, report[-1]
+        assert grad_error <= 1e-5, report[-1]
+        shape = json.loads((out / name / "block-input-shape.json").read_text())
+        plain_shape = json.loads((out / plain_name / "block-input-shape.json").read_text())
+        assert plain_shape == [2, 64, 64], plain_name  # micro batch 2, tiny.yml: seq 64, hidden 64
+        if variant == "sequence-parallel":
+            assert shape == [64 // layout[0], 2, 64], (name, shape)  # this rank's slice of the sequence
+    print("\n".join(report))
