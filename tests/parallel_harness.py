@@ -103,6 +103,7 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
                variant: str | None = None) -> None:
     from megatron.core import parallel_state
 
+    from activation_bytes_sp import block_input_shapes
     from megatron_gpt.config import load_config
     from megatron_gpt.training import gradients, recompute
     from megatron_gpt.training.trainer import Trainer
@@ -144,10 +145,13 @@ def run_layout(out: Path, family: str, tensor: int, pipeline: int, zero: int, wo
     gradients.clip_gradients = capture_then_clip
     dist.barrier()
     try:
-        trainer.run()
+        with block_input_shapes() as shapes:  # proof of the layout the blocks really ran in
+            trainer.run()
     finally:
         gradients.clip_gradients = clip
     record_recompute(layout_dir, trainer.topo.pipeline_rank, recompute.COUNTS)
+    if dist.get_rank() == 0:
+        (layout_dir / "block-input-shape.json").write_text(json.dumps(shapes[0] if shapes else None))
     trainer = engine = take_step = None  # closures hold these cells: free the model before the next layout
     gc.collect()
     dist.barrier()

@@ -28,10 +28,11 @@ LAYOUTS = [(1, 1, 1), (1, 1, 2), (1, 1, 3), (2, 1, 1), (2, 1, 2), (2, 1, 3), (1,
 SHARED_MEMORY_LAYOUT = (1, 1, 0)
 FAMILIES = ["llama", "neox", "neox-sft-docmask"]
 # Features that must not change the numbers (parallel_harness.VARIANTS), each run beside the plain
-# layout it is compared with, inside the same 4-rank job.
+# layout it is compared with, inside the same 4-rank job. Sequence parallelism needs tensor > 1.
 RECOMPUTE_LAYOUTS = [(t, p, 1, variant) for t, p in [(2, 1), (1, 2), (2, 2)]
                      for variant in ("recompute-full", "recompute-selective")]
-VARIANT_LAYOUTS = {"neox": RECOMPUTE_LAYOUTS, "llama": RECOMPUTE_LAYOUTS}
+SEQUENCE_PARALLEL = [(2, 1, 1, "sequence-parallel"), (2, 2, 1, "sequence-parallel")]
+VARIANT_LAYOUTS = {"neox": RECOMPUTE_LAYOUTS + SEQUENCE_PARALLEL, "llama": RECOMPUTE_LAYOUTS + SEQUENCE_PARALLEL}
 
 
 def run_harness(out: Path, family: str, nproc: int, layouts: list[tuple[int, int, int]]) -> str:
@@ -102,9 +103,10 @@ def test_two_local_ranks_all_reduce_through_shared_memory(family_runs):
 
 
 def test_variants_match_their_plain_layout(family_runs):
-    """recompute (full: 2 blocks per chunk; selective: the attention core): the same per-step losses
-    (1e-5) and step-0 gradients (1e-5 relative) as the layout without it, and every rank really
-    checkpointed and reran what it should, once per micro-batch (training.recompute.COUNTS)."""
+    """recompute (full: 2 blocks per chunk; selective: the attention core) and sequence parallelism:
+    the same per-step losses (1e-5) and step-0 gradients (1e-5 relative) as the layout without them,
+    and proof each really ran: every rank checkpointed and reran what it should, once per micro-batch
+    (training.recompute.COUNTS); under sequence parallelism the blocks ran on [seq/tp, batch, hidden]."""
     out, family = family_runs
     if family not in VARIANT_LAYOUTS:
         pytest.skip(f"no variant layouts for {family}")
@@ -119,6 +121,10 @@ def test_variants_match_their_plain_layout(family_runs):
         assert grad_error <= 1e-5, report[-1]
         if variant.startswith("recompute"):
             check_recompute_counts(out, family, tensor, pipeline, zero, variant)
+        shape = json.loads((out / run[2] / "block-input-shape.json").read_text())
+        plain_shape = json.loads((out / base[2] / "block-input-shape.json").read_text())
+        assert plain_shape == [2, 64, 64], base[2]  # micro batch 2, tiny.yml: seq 64, hidden 64
+        assert shape == ([64 // tensor, 2, 64] if variant == "sequence-parallel" else plain_shape), (run[2], shape)
     print("\n".join(report))
 
 

@@ -79,6 +79,17 @@ def _check_model(c: _Checks) -> None:
         key = c.blame("model.ffn_hidden_size", "parallelism.tensor")
         c.fail(key, c.indivisible(key, "model.ffn_hidden_size", "parallelism.tensor"),
                f"set model.ffn_hidden_size to a multiple of {tp}, e.g. {_round_up(m.ffn_hidden_size, tp)}")
+    if c.cfg.parallelism.sequence_parallel and tp == 1:
+        c.fail(c.blame("parallelism.sequence_parallel", "parallelism.tensor"),
+               "parallelism.sequence_parallel needs tensor parallelism (it splits the tensor ranks' replicated "
+               f"norms and dropout along the sequence), but {c.ref('parallelism.tensor')}",
+               "set parallelism.tensor to 2 or more, or parallelism.sequence_parallel to false")
+    elif c.cfg.parallelism.sequence_parallel and m.seq_length % tp:
+        key = c.blame("model.seq_length", "parallelism.tensor")
+        c.fail(key, c.indivisible(key, "model.seq_length", "parallelism.tensor",
+                                  " (parallelism.sequence_parallel gives each tensor rank an equal slice)"),
+               f"set model.seq_length to a multiple of {tp}, e.g. {_round_up(m.seq_length, tp)}, "
+               "or parallelism.sequence_parallel to false")
     if m.num_layers < pp:
         c.fail(c.blame("parallelism.pipeline", "model.num_layers"),
                f"parallelism.pipeline {pp} is larger than {c.ref('model.num_layers')} "

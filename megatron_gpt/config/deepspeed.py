@@ -14,7 +14,7 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
     """JSON-ready dict for ``deepspeed.initialize(config=...)``."""
     layout = batch_layout(cfg, world_size)
     t, o, precision = cfg.training, cfg.optimizer, cfg.training.precision
-    return {
+    derived = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
@@ -48,3 +48,8 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, An
         "steps_per_print": 2**31 - 1,  # the trainer prints its own metrics
         "wall_clock_breakdown": False,
     }
+    if cfg.parallelism.sequence_parallel:
+        # A pipeline stage's activations differ per tensor rank (each holds its slice of the
+        # sequence): DeepSpeed must not send them split over the tensor group as if replicated.
+        derived["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    return derived

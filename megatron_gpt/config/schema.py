@@ -86,8 +86,9 @@ class ParallelismConfig(Section):
     """On CPU with every rank on one host: all-reduce fp32 data-parallel gradients (ZeRO-0, tensor=pipeline=1)
     through DeepSpeed's shared-memory kernel instead of gloo's TCP; false keeps gloo."""
     sequence_parallel: bool = False
-    """Megatron's sequence parallelism (needs tensor > 1): norms and dropout work on this rank's slice
-    of the sequence; all-gather before and reduce-scatter after each tensor-parallel region."""
+    """Megatron's sequence parallelism (needs tensor > 1 dividing model.seq_length): norms and dropout
+    work on this rank's slice of the sequence; all-gather before and reduce-scatter after each
+    tensor-parallel region."""
 
 
 class TokenizerConfig(Section):

@@ -11,7 +11,7 @@ nor on the tensor-parallel size (megatron-core initializes the full tensor, then
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,15 +21,18 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from megatron_gpt.config.schema import ModelConfig
-from megatron_gpt.model.layers import Block, ColumnLinear, KVCache, make_norm, normal_init, split_positions
+from megatron_gpt.model.layers import (Block, ColumnLinear, KVCache, make_dropout, make_norm, normal_init,
+                                       split_positions)
+from megatron_gpt.model.sequence_parallel import from_sequence_parallel, to_sequence_parallel
 from megatron_gpt.model.names import BLOCK, EMBEDDING, FINAL_NORM, OUTPUT, canonical_prefix, spec_order
 
 
-def parallel_config(tensor: int = 1, pipeline: int = 1, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+def parallel_config(tensor: int = 1, pipeline: int = 1, dtype: torch.dtype = torch.float32,
+                    sequence_parallel: bool = False) -> ModelParallelConfig:
     """megatron-core layer settings: CPU initialization makes weights independent of tp."""
     return ModelParallelConfig(
         tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
-        use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype, sequence_parallel=sequence_parallel,
     )
 
 
@@ -63,11 +66,14 @@ class Embedding(nn.Module):
         self.position = nn.Embedding(cfg.seq_length, cfg.hidden_size) if cfg.position_embedding == "learned" else None
         if self.position is not None:
             normal_init(cfg.init_std)(self.position.weight)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.sequence_parallel = parallel.sequence_parallel
+        self.dropout = make_dropout(cfg.dropout, self.sequence_parallel)
 
     def forward(self, inputs, cache: KVCache | None = None):
         """tokens [b, s] -> hidden [b, s, h]; (tokens, positions) -> (hidden, positions), positions
-        restarting per packed document (see layers.split_positions)."""
+        restarting per packed document (see layers.split_positions). Under sequence parallelism
+        hidden is this rank's [s/tp, b, h]: split after the positions are added, so the position
+        table stays outside the split region and its gradient arrives whole."""
         tokens, positions = split_positions(inputs)
         hidden = self.word(tokens)  # [b, s, h]
         if self.position is not None:
@@ -76,6 +82,8 @@ class Embedding(nn.Module):
                 hidden = hidden + self.position(torch.arange(offset, offset + tokens.shape[1], device=tokens.device))
             else:
                 hidden = hidden + self.position(positions)
+        if self.sequence_parallel:
+            hidden = to_sequence_parallel(hidden)
         hidden = self.dropout(hidden)
         return hidden if positions is None else (hidden, positions)
 
@@ -86,12 +94,17 @@ class Embedding(nn.Module):
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The last norm; under sequence parallelism it normalizes this rank's slice of the sequence,
+    then gathers the whole batch-first [b, s, h] for the output layer."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ModelParallelConfig):
         super().__init__()
-        self.norm = make_norm(cfg)
+        self.sequence_parallel = parallel.sequence_parallel
+        self.norm = make_norm(cfg, self.sequence_parallel)
 
     def forward(self, inputs) -> torch.Tensor:
-        return self.norm(split_positions(inputs)[0])  # positions end here: the output layer needs none
+        hidden = self.norm(split_positions(inputs)[0])  # positions end here: the output layer needs none
+        return from_sequence_parallel(hidden) if self.sequence_parallel else hidden
 
 
 class OutputLayer(nn.Module):
@@ -100,8 +113,9 @@ class OutputLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig,
                  vocab_limit: int | None = None):
         super().__init__()
+        whole = replace(parallel, sequence_parallel=False)  # FinalNorm gathered the sequence already
         self.linear = ColumnLinear(
-            cfg.hidden_size, vocab_size, config=parallel, init_method=normal_init(cfg.init_std),
+            cfg.hidden_size, vocab_size, config=whole, init_method=normal_init(cfg.init_std),
             bias=False, gather_output=False)
         local = self.linear.output_size_per_partition
         self.register_buffer("padding", padding_mask(vocab_limit, local * parallel_state.get_tensor_model_parallel_rank(),
@@ -129,7 +143,8 @@ def layer_specs(cfg: ModelConfig, vocab_size: int, parallel: ModelParallelConfig
     """The spec order (model.names.spec_order) with each slot's class and arguments; `vocab_limit`
     (the tokenizer's vocabulary) hides the logits of the padding ids above it."""
     built = {EMBEDDING: (Embedding, (cfg, vocab_size, parallel, vocab_limit)), BLOCK: (Block, (cfg, parallel)),
-             FINAL_NORM: (FinalNorm, (cfg,)), OUTPUT: (OutputLayer, (cfg, vocab_size, parallel, vocab_limit))}
+             FINAL_NORM: (FinalNorm, (cfg, parallel)),
+             OUTPUT: (OutputLayer, (cfg, vocab_size, parallel, vocab_limit))}
     return [LayerSpec(*built[slot.kind], tie_key=slot.tie_key, method=slot.method) for slot in spec_order(cfg)]
 
 

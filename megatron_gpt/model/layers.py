@@ -1,6 +1,7 @@
 """Transformer building blocks: norms, rotary positions, attention, MLP and the block.
 
-Every tensor is batch-first: hidden states are [batch, seq, hidden]. Linear layers are
+Every tensor is batch-first: hidden states are [batch, seq, hidden], except between the layers of
+a sequence-parallel model: [seq/tp, batch, hidden] (see sequence_parallel.py). Linear layers are
 megatron-core's column/row-parallel layers, so the same code runs at any tensor-parallel size:
 a column-parallel layer holds this rank's slice of the output features, a row-parallel layer
 consumes such a slice and all-reduces its output.
@@ -18,6 +19,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from megatron_gpt.config.schema import ModelConfig
+from megatron_gpt.model import sequence_parallel as sp
 
 
 def normal_init(std: float):
@@ -30,10 +32,19 @@ def output_init(cfg: ModelConfig):
     return normal_init(cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, sequence_parallel: bool = False) -> nn.Module:
+    """The model's norm; under sequence parallelism one whose parameter gradients are summed over
+    the tensor ranks (each sees its slice of the sequence)."""
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+        norm = (sp.RMSNorm if sequence_parallel else nn.RMSNorm)(cfg.hidden_size, eps=cfg.norm_eps)
+    else:
+        norm = (sp.LayerNorm if sequence_parallel else nn.LayerNorm)(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+    return sp.mark_sequence_parallel(norm) if sequence_parallel else norm
+
+
+def make_dropout(p: float, sequence_parallel: bool = False) -> nn.Module:
+    """Dropout; under sequence parallelism with a stream per tensor rank (sequence_parallel.Dropout)."""
+    return sp.Dropout(p) if sequence_parallel else nn.Dropout(p)
 
 
 def ffn_size(cfg: ModelConfig) -> int:
@@ -72,21 +83,36 @@ class ColumnLinear(ColumnParallelLinear):
             if self.skip_bias_add:
                 return F.linear(input_, self.weight), self.bias
             return F.linear(input_, self.weight, self.bias), None
+        if self.sequence_parallel and weight is None and not input_.is_cuda:  # megatron-core's needs CUDA
+            bias = None if self.skip_bias_add else self.bias
+            return sp.gathered_linear(input_, self.weight, bias), (self.bias if self.skip_bias_add else None)
         return super().forward(input_, weight, runtime_gather_output)
 
 
 class RowLinear(RowParallelLinear):
-    """megatron-core's RowParallelLinear; at tensor-parallel size 1 one F.linear (see ColumnLinear)."""
+    """megatron-core's RowParallelLinear; at tensor-parallel size 1 one F.linear (see ColumnLinear).
+    Under sequence parallelism: the product, reduce-scattered along the sequence, plus the bias
+    with its gradient summed over the tensor ranks (megatron-core leaves that sum to its own
+    optimizer; here DeepSpeed owns the gradients)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.plain = _plain_at_tp1(self, self.input_size_per_partition == self.input_size)
 
-    def forward(self, input_):
+    def forward(self, input_, batch_first: bool = False):
+        """batch_first: under sequence parallelism, an input [b, s, ...] whose product is turned
+        sequence-first for the reduce-scatter (a temporary copy; turning the input would be a copy
+        that the backward keeps)."""
         if self.plain:
             if self.skip_bias_add:
                 return F.linear(input_, self.weight), self.bias
             return F.linear(input_, self.weight, self.bias), None
+        if self.sequence_parallel:
+            product = F.linear(input_, self.weight)
+            output = sp.reduce_scatter_to_sequence(product.transpose(0, 1) if batch_first else product)
+            if self.bias is None or self.skip_bias_add:
+                return output, self.bias
+            return output + sp.tp_summed(self.bias), None
         return super().forward(input_)
 
 
@@ -201,6 +227,7 @@ class Attention(nn.Module):
         self.rotary_base = cfg.rotary_base
         self.dropout = cfg.dropout
         self.backend = cfg.attention_backend
+        self.sequence_first = parallel.sequence_parallel  # [s/tp, b, h] in (see sequence_parallel.py)
         self.qkv = ColumnLinear(
             cfg.hidden_size, (cfg.num_attention_heads + 2 * kv_heads) * self.head_dim,
             config=parallel, init_method=normal_init(cfg.init_std), bias=cfg.bias, gather_output=False,
@@ -214,9 +241,11 @@ class Attention(nn.Module):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """positions [batch, seq]: per-document positions of packed documents, which then attend
         only within themselves (data.document_masking); None: one sequence."""
-        batch, seq, _ = hidden.shape
         offset = cache.length if cache is not None else 0
         qkv, _ = self.qkv(hidden)
+        if self.sequence_first:  # the gathered [s, b, ...]: a batch-first view for the attention math
+            qkv = qkv.transpose(0, 1)
+        batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.local_kv_heads, self.q_per_kv + 2, self.head_dim)
         query = qkv[:, :, :, : self.q_per_kv].reshape(batch, seq, self.local_heads, self.head_dim)
         key, value = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
@@ -226,7 +255,9 @@ class Attention(nn.Module):
         if cache is not None:
             key, value = cache.extend(self, key, value)
         context = self._attend(query, key, value, positions)  # [batch, seq, local_heads, head_dim]
-        output, _ = self.dense(context.reshape(batch, seq, self.local_heads * self.head_dim))
+        context = context.reshape(batch, seq, self.local_heads * self.head_dim)
+        # under sequence parallelism the reduce-scatter along the sequence turns the product sequence-first
+        output, _ = self.dense(context, batch_first=self.sequence_first)
         return output
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -290,15 +321,16 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, parallel: ModelParallelConfig):
         super().__init__()
-        self.attn_norm = make_norm(cfg)
+        self.attn_norm = make_norm(cfg, parallel.sequence_parallel)
         self.attention = Attention(cfg, parallel)
-        self.mlp_norm = make_norm(cfg)
+        self.mlp_norm = make_norm(cfg, parallel.sequence_parallel)
         self.mlp = MLP(cfg, parallel)
         self.parallel_residual = cfg.parallel_residual
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = make_dropout(cfg.dropout, parallel.sequence_parallel)
 
     def forward(self, inputs, cache: KVCache | None = None):
-        """hidden [b, s, h] -> hidden; (hidden, positions) -> (hidden, positions) (split_positions)."""
+        """hidden [b, s, h] ([s/tp, b, h] under sequence parallelism) -> hidden; (hidden, positions)
+        -> (hidden, positions) (split_positions)."""
         hidden, positions = split_positions(inputs)
         if self.parallel_residual:
             attn = self.attention(self.attn_norm(hidden), cache, positions)

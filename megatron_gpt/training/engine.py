@@ -68,7 +68,8 @@ def pipeline_module(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: i
     from megatron_gpt.model.gpt import spec_seed
 
     SeededLayerSpec, SeededTiedLayerSpec = _seeded_spec_classes()
-    specs = layer_specs(cfg.model, vocab_size, parallel_config(topo.tensor, topo.pipeline), vocab_limit)
+    parallel = parallel_config(topo.tensor, topo.pipeline, sequence_parallel=cfg.parallelism.sequence_parallel)
+    specs = layer_specs(cfg.model, vocab_size, parallel, vocab_limit)
     first_position: dict[str, int] = {}
     stages = []
     for position, spec in enumerate(specs):
@@ -92,8 +93,9 @@ def pipeline_module(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: i
 def build_model(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: int | None = None) -> nn.Module:
     """`vocab_size` rows (padded); logits of ids from `vocab_limit` (the tokenizer's size) on are hidden."""
     if topo.pipeline == 1:
-        return apply_recompute(GPT(cfg.model, vocab_size, parallel_config(topo.tensor, 1), seed=cfg.training.seed,
-                                   vocab_limit=vocab_limit), cfg.model)
+        parallel = parallel_config(topo.tensor, 1, sequence_parallel=cfg.parallelism.sequence_parallel)
+        return apply_recompute(GPT(cfg.model, vocab_size, parallel, seed=cfg.training.seed, vocab_limit=vocab_limit),
+                               cfg.model)
     return pipeline_module(cfg, vocab_size, topo, vocab_limit)
 
 
