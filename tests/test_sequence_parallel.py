@@ -65,3 +65,15 @@ def test_sequence_parallel_saves_activations_and_keeps_the_numbers(tmp_path):
     assert result["max_relative_grad_diff"] <= 1e-5
     assert result["dropout"]["replayed"] and result["dropout"]["ranks_differ"], result["dropout"]
     assert 0.4 <= result["dropout"]["kept"] <= 0.6, result["dropout"]
+    # The memory plan (`megatron-gpt layout`) predicts both within 10%.
+    from activation_bytes_sp import MICRO_BATCH, SHAPE, VOCAB
+
+    from megatron_gpt.training.memory_plan import model_activation_bytes
+
+    for key, sequence_parallel in (("tp2_bytes", "false"), ("tp2_sp_bytes", "true")):
+        cfg = load_config([TINY], SHAPE + ["parallelism.tensor=2", "launcher.nproc_per_node=2", "training.device=cpu",
+                                           f"training.micro_batch_size={MICRO_BATCH}",
+                                           f"parallelism.sequence_parallel={sequence_parallel}"])
+        planned = model_activation_bytes(cfg, VOCAB, device="cpu")
+        print(f"{key}: plan {planned:,.0f} / measured {result[key]:,} = {planned / result[key]:.3f}")
+        assert abs(planned / result[key] - 1) <= 0.10, (key, planned, result[key])
