@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from .dims import ParallelDims
 from .errors import DEFAULT, ConfigError, Problem, yaml_value as _yaml_value
+from .passthrough import passthrough_problems
 from .schema import Config
 
 def _round_up(value: int, multiple: int) -> int:
@@ -277,5 +278,6 @@ def validate(cfg: Config, world_size: int | None = None, origins: Mapping[str, s
     _check_optim(c)
     _check_data(c)
     _check_launcher(c)
+    c.problems += passthrough_problems(cfg.deepspeed, c.origin, cfg.parallelism.zero_stage)
     if c.problems:
         raise ConfigError.of(c.problems)

@@ -111,3 +111,9 @@ def build_engine(model: nn.Module, cfg: Config, topo: Topology):
         dist_init_required=False,
     )
     return engine
+
+
+def offloaded(engine) -> bool:
+    """Whether the engine's ZeRO optimizer keeps its states and steps on the CPU (ZeRO-Offload)."""
+    optimizer = engine.optimizer
+    return bool(getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False))

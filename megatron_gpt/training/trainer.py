@@ -19,7 +19,7 @@ from megatron_gpt.launch.protocol import EXIT_CODE
 from megatron_gpt.model.sampling import sample
 from megatron_gpt.parallel.groups import Topology, barrier, init_distributed, seed_everything
 from megatron_gpt.training import preemption
-from megatron_gpt.training.engine import build_engine, build_model
+from megatron_gpt.training.engine import build_engine, build_model, offloaded
 from megatron_gpt.training.gradients import GradientPath
 from megatron_gpt.training.guard import Diverged, StepGuard
 from megatron_gpt.training.observe.backends import Backends
@@ -111,6 +111,7 @@ class Trainer:
                  f"{parameters:,} parameters on rank 0, global batch {layout.global_batch_size} x "
                  f"{cfg.model.seq_length} tokens, steps {self.start_step}->{steps}, "
                  f"{'gradients all-reduced through shared memory, ' if self.gradients.sync else ''}"
+                 f"{'optimizer offloaded to cpu (ZeRO-Offload), ' if offloaded(self.engine) else ''}"
                  f"set-up {time.perf_counter() - started:.1f}s")
 
     def micro_batches(self, step: int) -> list[dict]:
