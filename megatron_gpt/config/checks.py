@@ -251,6 +251,28 @@ def _check_launcher(c: _Checks) -> None:
                    "list names like PYTHONPATH or prefixes like NCCL_*")
 
 
+def _check_compile(c: _Checks) -> None:
+    """training.compile compiles each transformer block (training/compiling.py); the layouts below
+    are refused until they are shown to give eager's numbers compiled."""
+    cfg = c.cfg
+    if not cfg.training.compile:
+        return
+    refused = [
+        ("parallelism.tensor", cfg.parallelism.tensor > 1, "megatron-core's tensor-parallel layers (collectives "
+         "inside autograd Functions) are not verified compiled", "set parallelism.tensor to 1"),
+        ("parallelism.zero_stage", cfg.parallelism.zero_stage == 3, "ZeRO-3 gathers each block's parameters in "
+         "module hooks around the compiled forward, not verified compiled", "set parallelism.zero_stage to 1 or 2"),
+        ("model.recompute", cfg.model.recompute != "none", "recomputed blocks are not verified compiled",
+         "set model.recompute to none"),
+        ("parallelism.sequence_parallel", cfg.parallelism.sequence_parallel, "sequence-parallel blocks are not "
+         "verified compiled", "set parallelism.sequence_parallel to false"),
+    ]
+    for key, on, why, fix in refused:
+        if on:
+            c.fail(c.blame("training.compile", key), f"training.compile cannot be combined with {c.ref(key)}: {why}",
+                   f"{fix}, or set training.compile to false")
+
+
 def _split_weights(split: str) -> list[float] | None:
     try:
         weights = [float(w) for w in split.split(",")]
@@ -278,6 +300,7 @@ def validate(cfg: Config, world_size: int | None = None, origins: Mapping[str, s
     _check_optim(c)
     _check_data(c)
     _check_launcher(c)
+    _check_compile(c)
     c.problems += passthrough_problems(cfg.deepspeed, c.origin, cfg.parallelism.zero_stage)
     if c.problems:
         raise ConfigError.of(c.problems)

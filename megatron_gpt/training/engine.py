@@ -11,6 +11,7 @@ from megatron_gpt.config.schema import Config
 from megatron_gpt.parallel.groups import Topology
 from megatron_gpt.parallel.mpu import DeepSpeedMPU
 from megatron_gpt.model import GPT, layer_specs, masked_mean, parallel_config, token_losses
+from megatron_gpt.training.compiling import compile_blocks
 from megatron_gpt.training.schedule import lr_multiplier
 
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform", "layers": "type:Block"}
@@ -88,11 +89,16 @@ def pipeline_module(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: i
 
 
 def build_model(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: int | None = None) -> nn.Module:
-    """`vocab_size` rows (padded); logits of ids from `vocab_limit` (the tokenizer's size) on are hidden."""
+    """`vocab_size` rows (padded); logits of ids from `vocab_limit` (the tokenizer's size) on are
+    hidden. training.compile compiles each transformer block (training/compiling.py)."""
     if topo.pipeline == 1:
-        return GPT(cfg.model, vocab_size, parallel_config(topo.tensor, 1), seed=cfg.training.seed,
-                   vocab_limit=vocab_limit)
-    return pipeline_module(cfg, vocab_size, topo, vocab_limit)
+        model = GPT(cfg.model, vocab_size, parallel_config(topo.tensor, 1), seed=cfg.training.seed,
+                    vocab_limit=vocab_limit)
+    else:
+        model = pipeline_module(cfg, vocab_size, topo, vocab_limit)
+    if cfg.training.compile:
+        compile_blocks(model)
+    return model
 
 
 def build_engine(model: nn.Module, cfg: Config, topo: Topology):

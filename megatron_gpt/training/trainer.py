@@ -19,6 +19,7 @@ from megatron_gpt.launch.protocol import EXIT_CODE
 from megatron_gpt.model.sampling import sample
 from megatron_gpt.parallel.groups import Topology, barrier, init_distributed, seed_everything
 from megatron_gpt.training import preemption
+from megatron_gpt.training.compiling import compiled_blocks
 from megatron_gpt.training.engine import build_engine, build_model, offloaded
 from megatron_gpt.training.gradients import GradientPath
 from megatron_gpt.training.guard import Diverged, StepGuard
@@ -112,6 +113,7 @@ class Trainer:
                  f"{cfg.model.seq_length} tokens, steps {self.start_step}->{steps}, "
                  f"{'gradients all-reduced through shared memory, ' if self.gradients.sync else ''}"
                  f"{'optimizer offloaded to cpu (ZeRO-Offload), ' if offloaded(self.engine) else ''}"
+                 f"{f'{compiled_blocks(self.model)} blocks compiled, ' if cfg.training.compile else ''}"
                  f"set-up {time.perf_counter() - started:.1f}s")
 
     def micro_batches(self, step: int) -> list[dict]:
