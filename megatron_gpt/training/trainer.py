@@ -216,7 +216,12 @@ class Trainer:
         raise preemption.Preempted(step, path)
 
     def finish(self) -> None:
-        """Rank 0: the loss-curve PNG and closing the logging backends."""
+        """deepspeed.comms_logger's table (a collective: every rank), then rank 0: the loss-curve
+        PNG and closing the logging backends."""
+        import deepspeed.comm  # configured by the engine from deepspeed.comms_logger
+
+        if deepspeed.comm.comms_logger.enabled:
+            deepspeed.comm.log_summary()
         if self.run_dir is None:
             return
         if self.cfg.logging.plot and (self.run_dir / "metrics.jsonl").exists():
