@@ -32,6 +32,8 @@ def test_train_throughput(data_cache):
     assert line.startswith("train_throughput: full stack / plain PyTorch:"), line
     ratios = [float(x) for x in re.findall(r"small-(?:gpt2|llama) ([0-9.]+) \(", line)]
     assert len(ratios) == 2 and all(r > 0 for r in ratios), line
+    compiled = re.findall(r"small-(?:gpt2|llama) x([0-9.]+) \([0-9,]+ vs [0-9,]+ tokens/s, compile \d+s\)", line)
+    assert "| compiled / eager: " in line and len(compiled) == 2 and all(float(r) > 0 for r in compiled), line
 
 
 def test_scaling(data_cache):

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from .dims import ParallelDims
 from .errors import DEFAULT, ConfigError, Problem, yaml_value as _yaml_value
+from .passthrough import passthrough_problems
 from .schema import Config
 
 def _round_up(value: int, multiple: int) -> int:
@@ -275,6 +276,31 @@ def _check_launcher(c: _Checks) -> None:
                    "list names like PYTHONPATH or prefixes like NCCL_*")
 
 
+def _check_compile(c: _Checks) -> None:
+    """training.compile compiles each transformer block (training/compiling.py). Tensor parallelism
+    and ZeRO-3 train right compiled but break every block into pieces (measured), so compiling them
+    buys nothing; recompute and sequence parallelism are not yet verified compiled."""
+    cfg = c.cfg
+    if not cfg.training.compile:
+        return
+    refused = [
+        ("parallelism.tensor", cfg.parallelism.tensor > 1, "torch.compile cannot trace megatron-core's "
+         "async all-reduce in the tensor-parallel layers, so each block breaks into 7 graphs",
+         "set parallelism.tensor to 1"),
+        ("parallelism.zero_stage", cfg.parallelism.zero_stage == 3, "ZeRO-3 gathers parameters in a hook on every "
+         "layer that torch.compile must skip, so each block breaks into a graph per layer",
+         "set parallelism.zero_stage to 1 or 2"),
+        ("model.recompute", cfg.model.recompute != "none", "recomputed blocks are not verified compiled",
+         "set model.recompute to none"),
+        ("parallelism.sequence_parallel", cfg.parallelism.sequence_parallel, "sequence-parallel blocks are not "
+         "verified compiled", "set parallelism.sequence_parallel to false"),
+    ]
+    for key, on, why, fix in refused:
+        if on:
+            c.fail(c.blame("training.compile", key), f"training.compile cannot be combined with {c.ref(key)}: {why}",
+                   f"{fix}, or set training.compile to false")
+
+
 def _split_weights(split: str) -> list[float] | None:
     try:
         weights = [float(w) for w in split.split(",")]
@@ -303,5 +329,7 @@ def validate(cfg: Config, world_size: int | None = None, origins: Mapping[str, s
     _check_optim(c)
     _check_data(c)
     _check_launcher(c)
+    _check_compile(c)
+    c.problems += passthrough_problems(cfg.deepspeed, c.origin, cfg.parallelism.zero_stage)
     if c.problems:
         raise ConfigError.of(c.problems)

@@ -5,13 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from .derive import batch_layout, engine_zero_stage, trainer_clips_gradients
+from .passthrough import merge
 from .schema import Config
 
 _BUCKET = 500_000_000  # elements; Megatron/NeoX's defaults, big enough to keep comm calls few
 
 
 def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
-    """JSON-ready dict for ``deepspeed.initialize(config=...)``."""
+    """JSON-ready dict for ``deepspeed.initialize(config=...)``: derived from the sections, then
+    the `deepspeed:` section merged in (config.passthrough; validate refuses derived keys there)."""
+    return merge(_derived(cfg, world_size), cfg.deepspeed)
+
+
+def _derived(cfg: Config, world_size: int | None) -> dict[str, Any]:
     layout = batch_layout(cfg, world_size)
     t, o, precision = cfg.training, cfg.optimizer, cfg.training.precision
     derived = {

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .dims import ParallelDims
 from .loader import ConfigError, layout_problems
+from .passthrough import offload_device
 from .schema import Config
 
 
@@ -45,9 +46,12 @@ def engine_zero_stage(cfg: Config, data_parallel: int) -> int:
     data-parallel ranks; over one rank they shard nothing, yet DeepSpeed's ZeRO path still copies
     every gradient into its buckets and the weights back each step (about 10% of a small model's
     CPU step), so there the engine runs without ZeRO: same AdamW, same clipping, same numbers.
-    Pipeline stages keep ZeRO-1, whose optimizer reports the gradient norm."""
+    Pipeline stages keep ZeRO-1, whose optimizer reports the gradient norm, and so does an
+    offloaded optimizer (deepspeed.zero_optimization.offload_optimizer): ZeRO's optimizer runs it."""
     stage = cfg.parallelism.zero_stage
-    return 0 if stage in (1, 2) and data_parallel == 1 and cfg.parallelism.pipeline == 1 else stage
+    offloaded = offload_device(cfg.deepspeed, "offload_optimizer") != "none"
+    single = data_parallel == 1 and cfg.parallelism.pipeline == 1 and not offloaded
+    return 0 if stage in (1, 2) and single else stage
 
 
 def trainer_clips_gradients(cfg: Config, data_parallel: int) -> bool:

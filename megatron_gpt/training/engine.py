@@ -11,6 +11,7 @@ from megatron_gpt.config.schema import Config
 from megatron_gpt.parallel.groups import Topology
 from megatron_gpt.parallel.mpu import DeepSpeedMPU
 from megatron_gpt.model import GPT, layer_specs, masked_mean, parallel_config, token_losses
+from megatron_gpt.training.compiling import compile_blocks
 from megatron_gpt.training.recompute import apply_recompute, pipeline_module_class
 from megatron_gpt.training.schedule import lr_multiplier
 
@@ -91,12 +92,17 @@ def pipeline_module(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: i
 
 
 def build_model(cfg: Config, vocab_size: int, topo: Topology, vocab_limit: int | None = None) -> nn.Module:
-    """`vocab_size` rows (padded); logits of ids from `vocab_limit` (the tokenizer's size) on are hidden."""
+    """`vocab_size` rows (padded); logits of ids from `vocab_limit` (the tokenizer's size) on are
+    hidden. training.compile compiles each transformer block (training/compiling.py)."""
     if topo.pipeline == 1:
         parallel = parallel_config(topo.tensor, 1, sequence_parallel=cfg.parallelism.sequence_parallel)
-        return apply_recompute(GPT(cfg.model, vocab_size, parallel, seed=cfg.training.seed, vocab_limit=vocab_limit),
-                               cfg.model)
-    return pipeline_module(cfg, vocab_size, topo, vocab_limit)
+        model = apply_recompute(GPT(cfg.model, vocab_size, parallel, seed=cfg.training.seed, vocab_limit=vocab_limit),
+                                cfg.model)
+    else:
+        model = pipeline_module(cfg, vocab_size, topo, vocab_limit)
+    if cfg.training.compile:
+        compile_blocks(model)
+    return model
 
 
 def build_engine(model: nn.Module, cfg: Config, topo: Topology):
@@ -115,3 +121,9 @@ def build_engine(model: nn.Module, cfg: Config, topo: Topology):
         dist_init_required=False,
     )
     return engine
+
+
+def offloaded(engine) -> bool:
+    """Whether the engine's ZeRO optimizer keeps its states and steps on the CPU (ZeRO-Offload)."""
+    optimizer = engine.optimizer
+    return bool(getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False))

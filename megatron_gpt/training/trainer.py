@@ -19,7 +19,8 @@ from megatron_gpt.launch.protocol import EXIT_CODE
 from megatron_gpt.model.sampling import sample
 from megatron_gpt.parallel.groups import Topology, barrier, init_distributed, seed_everything
 from megatron_gpt.training import preemption
-from megatron_gpt.training.engine import build_engine, build_model
+from megatron_gpt.training.compiling import compiled_blocks
+from megatron_gpt.training.engine import build_engine, build_model, offloaded
 from megatron_gpt.training.gradients import GradientPath
 from megatron_gpt.training.guard import Diverged, StepGuard
 from megatron_gpt.training.observe.backends import Backends
@@ -111,6 +112,8 @@ class Trainer:
                  f"{parameters:,} parameters on rank 0, global batch {layout.global_batch_size} x "
                  f"{cfg.model.seq_length} tokens, steps {self.start_step}->{steps}, "
                  f"{'gradients all-reduced through shared memory, ' if self.gradients.sync else ''}"
+                 f"{'optimizer offloaded to cpu (ZeRO-Offload), ' if offloaded(self.engine) else ''}"
+                 f"{f'{compiled_blocks(self.model)} blocks compiled, ' if cfg.training.compile else ''}"
                  f"set-up {time.perf_counter() - started:.1f}s")
 
     def micro_batches(self, step: int) -> list[dict]:
@@ -213,7 +216,12 @@ class Trainer:
         raise preemption.Preempted(step, path)
 
     def finish(self) -> None:
-        """Rank 0: the loss-curve PNG and closing the logging backends."""
+        """deepspeed.comms_logger's table (a collective: every rank), then rank 0: the loss-curve
+        PNG and closing the logging backends."""
+        import deepspeed.comm  # configured by the engine from deepspeed.comms_logger
+
+        if deepspeed.comm.comms_logger.enabled:
+            deepspeed.comm.log_summary()
         if self.run_dir is None:
             return
         if self.cfg.logging.plot and (self.run_dir / "metrics.jsonl").exists():
