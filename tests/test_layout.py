@@ -97,3 +97,17 @@ def test_gpu_memory_sizes(capsys):
     with pytest.raises(SystemExit):
         main(["layout", TINY, "--vocab-size", "2000", "--gpu-memory", "80"])
     assert "argument --gpu-memory: memory size '80' is not a number with a unit" in capsys.readouterr().err
+
+
+def test_offloaded_states_leave_the_gpu():
+    """ZeRO-Offload (the deepspeed: section) moves optimizer states, and under ZeRO-3 offload_param
+    the parameter partitions, to host memory: the plan counts none of them on the GPU."""
+    from megatron_gpt.training.layout_report import memory_mib
+
+    plain = load_config([TINY], ["parallelism.zero_stage=3", "training.precision=bf16"], world_size=2)
+    offload = load_config([TINY], ["parallelism.zero_stage=3", "training.precision=bf16",
+                                   "deepspeed={zero_optimization: {offload_optimizer: {device: cpu}, "
+                                   "offload_param: {device: cpu}}}"], world_size=2)
+    weights, grads, optimizer = memory_mib(1_000_000, plain, 2)
+    assert (weights, grads, optimizer) == pytest.approx((2e6 / 2 / 2**20, 2e6 / 2 / 2**20, 12e6 / 2 / 2**20))
+    assert memory_mib(1_000_000, offload, 2) == (0.0, grads, 0.0)

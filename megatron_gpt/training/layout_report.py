@@ -71,13 +71,18 @@ def stage_bounds(cfg: Config, counts: list[LayerCount]) -> list[int]:
 def memory_mib(params: int, cfg: Config, data_parallel: int) -> tuple[float, float, float]:
     """(parameters, gradients, optimizer states) in MiB on one rank under the ZeRO stage:
     stage 1 shards optimizer states over data ranks, stage 2 also gradients, stage 3 also
-    parameters. Adam keeps two fp32 moments, plus an fp32 master copy in bf16/fp16."""
+    parameters. Adam keeps two fp32 moments, plus an fp32 master copy in bf16/fp16. ZeRO-Offload
+    (deepspeed.zero_optimization.offload_optimizer / offload_param) keeps the optimizer states /
+    the parameter partitions in host memory: none of it on the GPU."""
+    from megatron_gpt.config.passthrough import offload_device
+
     zero, mixed = cfg.parallelism.zero_stage, cfg.training.precision != "fp32"
     width = 2 if mixed else 4
     shard = lambda stage: data_parallel if zero >= stage else 1  # noqa: E731
-    weights = params * width / shard(3)
+    on_gpu = lambda kind: offload_device(cfg.deepspeed, kind) == "none"  # noqa: E731
+    weights = params * width / shard(3) if on_gpu("offload_param") else 0.0
     grads = params * width / shard(2)
-    optimizer = params * (8 + (4 if mixed else 0)) / shard(1)
+    optimizer = params * (8 + (4 if mixed else 0)) / shard(1) if on_gpu("offload_optimizer") else 0.0
     return weights / MIB, grads / MIB, optimizer / MIB
 
 
