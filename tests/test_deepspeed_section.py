@@ -114,3 +114,14 @@ def test_zero_offload_matches_plain_run_and_resumes(train, tmp_path):
     for step in straight:
         assert abs(straight[step] - offloaded[step]) <= 1e-5, (step, straight[step], offloaded[step])
     assert straight[5] < straight[1]
+
+
+def test_pipeline_partitioning_is_derived_under_sequence_parallelism():
+    """Under sequence parallelism each tensor rank sends its own slice between stages, so the
+    derived pipe_partitioned/grad_partitioned false may not be overridden; without it they are free."""
+    sets = ["parallelism.tensor=2", "parallelism.pipeline=2", "launcher.nproc_per_node=4",
+            "deepspeed.pipeline.pipe_partitioned=true"]
+    with pytest.raises(ConfigError, match="deepspeed.pipeline.pipe_partitioned: set by parallelism.sequence_parallel"):
+        load_config([str(TINY)], sets + ["parallelism.sequence_parallel=true"], world_size=4)
+    cfg = load_config([str(TINY)], sets, world_size=4)
+    assert deepspeed_config(cfg, 4)["pipeline"] == {"pipe_partitioned": True}

@@ -330,6 +330,7 @@ def validate(cfg: Config, world_size: int | None = None, origins: Mapping[str, s
     _check_data(c)
     _check_launcher(c)
     _check_compile(c)
-    c.problems += passthrough_problems(cfg.deepspeed, c.origin, cfg.parallelism.zero_stage)
+    c.problems += passthrough_problems(cfg.deepspeed, c.origin, cfg.parallelism.zero_stage,
+                                       cfg.parallelism.sequence_parallel)
     if c.problems:
         raise ConfigError.of(c.problems)

@@ -24,6 +24,12 @@ DERIVED: dict[str, str] = {
 }
 """Dotted key under `deepspeed:` -> the schema key(s) that set it."""
 
+SEQUENCE_PARALLEL_DERIVED: dict[str, str] = {
+    "pipeline.pipe_partitioned": "parallelism.sequence_parallel (each tensor rank sends its own slice)",
+    "pipeline.grad_partitioned": "parallelism.sequence_parallel (each tensor rank sends its own slice)",
+}
+"""Derived only under sequence parallelism (config/deepspeed.py); true there corrupts pipeline sends."""
+
 MAPPINGS = ("zero_optimization", "bf16", "fp16")
 """Derived sub-sections whose other keys (bucket sizes, offload, loss scaling) may be set."""
 
@@ -49,21 +55,22 @@ def merge(derived: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def passthrough_problems(section: Mapping[str, Any], origin: Callable[[str], str | None],
-                         zero_stage: int) -> list[Problem]:
+                         zero_stage: int, sequence_parallel: bool = False) -> list[Problem]:
     """Problems of the `deepspeed:` section: derived keys set there, a derived sub-section replaced
     by a non-mapping, and offloading that the ZeRO stage cannot do; `origin(dotted key)` says
     where a key was set."""
     problems: list[Problem] = []
+    derived = {**DERIVED, **(SEQUENCE_PARALLEL_DERIVED if sequence_parallel else {})}
 
     def fail(key: str, what: str, fix: str) -> None:
         problems.append(Problem(origin(key), f"{key}: {what}; fix: {fix}"))
 
     for key, value in section.items():
-        keys = [key] + ([f"{key}.{k}" for k in value] if key in MAPPINGS and isinstance(value, Mapping) else [])
+        keys = [key] + ([f"{key}.{k}" for k in value] if isinstance(value, Mapping) else [])
         for dotted in keys:
-            if dotted in DERIVED:
-                fail(f"deepspeed.{dotted}", f"set by {DERIVED[dotted]} (the framework derives it)",
-                     f"remove deepspeed.{dotted} and set {DERIVED[dotted]} instead")
+            if dotted in derived:
+                fail(f"deepspeed.{dotted}", f"set by {derived[dotted]} (the framework derives it)",
+                     f"remove deepspeed.{dotted} and set {derived[dotted]} instead")
         if key in MAPPINGS and not isinstance(value, Mapping):
             fail(f"deepspeed.{key}", f"{yaml_value(value)} would replace the derived mapping {key} "
                  "(keys under it are merged one by one)",
